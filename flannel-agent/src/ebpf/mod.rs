@@ -1,0 +1,5 @@
+//! Everything that touches BPF: the embedded object, bpffs pins and the programs.
+
+pub mod bpffs;
+pub mod counters;
+pub mod object;

@@ -1,0 +1,11 @@
+//! Types shared by the eBPF programs (`flannel-ebpf`) and the agent (`flannel-agent`).
+//!
+//! Every type here is `#[repr(C)]` with explicit padding so that its layout is identical on
+//! both sides and in the BTF that `bpftool map dump` uses to print field names. Map names
+//! carry a version suffix: when a layout changes the name changes, so a new agent never
+//! reuses a pinned map of the old layout (aya reuses pins without checking them).
+#![no_std]
+
+pub mod counters;
+
+pub use counters::{Direction, IfaceCounterKey, PacketCounter, COUNTERS_MAP};

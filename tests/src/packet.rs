@@ -1,0 +1,136 @@
+//! Crafting packets for BPF_PROG_TEST_RUN: Ethernet/IPv4/UDP frames with valid checksums.
+
+use std::net::Ipv4Addr;
+
+pub const ETH_P_IP: u16 = 0x0800;
+pub const IPPROTO_UDP: u8 = 17;
+pub const ETH_HLEN: usize = 14;
+pub const IPV4_HLEN: usize = 20;
+pub const UDP_HLEN: usize = 8;
+
+pub type Mac = [u8; 6];
+
+/// An Ethernet + IPv4 + UDP frame carrying `payload`, with IPv4 and UDP checksums set.
+pub fn udp4(
+    src_mac: Mac,
+    dst_mac: Mac,
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    sport: u16,
+    dport: u16,
+    payload: &[u8],
+) -> Vec<u8> {
+    let udp_len = (UDP_HLEN + payload.len()) as u16;
+    let mut frame = Vec::with_capacity(ETH_HLEN + IPV4_HLEN + udp_len as usize);
+    frame.extend_from_slice(&dst_mac);
+    frame.extend_from_slice(&src_mac);
+    frame.extend_from_slice(&ETH_P_IP.to_be_bytes());
+    frame.extend_from_slice(&ipv4_header(src, dst, IPPROTO_UDP, udp_len));
+    let mut udp = Vec::with_capacity(udp_len as usize);
+    udp.extend_from_slice(&sport.to_be_bytes());
+    udp.extend_from_slice(&dport.to_be_bytes());
+    udp.extend_from_slice(&udp_len.to_be_bytes());
+    udp.extend_from_slice(&[0, 0]);
+    udp.extend_from_slice(payload);
+    let checksum = match l4_checksum(src, dst, IPPROTO_UDP, &udp) {
+        0 => 0xffff, // RFC 768: a computed zero is sent as all ones
+        c => c,
+    };
+    udp[6..8].copy_from_slice(&checksum.to_be_bytes());
+    frame.extend_from_slice(&udp);
+    frame
+}
+
+/// A 20-byte IPv4 header (DF, TTL 64) with its checksum.
+pub fn ipv4_header(src: Ipv4Addr, dst: Ipv4Addr, protocol: u8, l4_len: u16) -> [u8; IPV4_HLEN] {
+    let total = (IPV4_HLEN as u16) + l4_len;
+    let mut h = [0u8; IPV4_HLEN];
+    h[0] = 0x45;
+    h[2..4].copy_from_slice(&total.to_be_bytes());
+    h[6] = 0x40; // DF
+    h[8] = 64;
+    h[9] = protocol;
+    h[12..16].copy_from_slice(&src.octets());
+    h[16..20].copy_from_slice(&dst.octets());
+    let c = checksum(&h);
+    h[10..12].copy_from_slice(&c.to_be_bytes());
+    h
+}
+
+/// The Internet checksum (RFC 1071) of `data`; 0 when `data` already carries a valid one.
+pub fn checksum(data: &[u8]) -> u16 {
+    !fold(sum(data, 0))
+}
+
+/// TCP/UDP checksum over the IPv4 pseudo-header and `segment`.
+pub fn l4_checksum(src: Ipv4Addr, dst: Ipv4Addr, protocol: u8, segment: &[u8]) -> u16 {
+    let mut pseudo = [0u8; 12];
+    pseudo[0..4].copy_from_slice(&src.octets());
+    pseudo[4..8].copy_from_slice(&dst.octets());
+    pseudo[9] = protocol;
+    pseudo[10..12].copy_from_slice(&(segment.len() as u16).to_be_bytes());
+    !fold(sum(segment, sum(&pseudo, 0)))
+}
+
+fn sum(data: &[u8], mut acc: u32) -> u32 {
+    for chunk in data.chunks(2) {
+        let word = if chunk.len() == 2 {
+            u16::from_be_bytes([chunk[0], chunk[1]])
+        } else {
+            u16::from_be_bytes([chunk[0], 0])
+        };
+        acc += u32::from(word);
+    }
+    acc
+}
+
+fn fold(mut acc: u32) -> u16 {
+    while acc > 0xffff {
+        acc = (acc & 0xffff) + (acc >> 16);
+    }
+    acc as u16
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ipv4_header_checksum_verifies() {
+        let h = ipv4_header(
+            Ipv4Addr::new(192, 0, 2, 1),
+            Ipv4Addr::new(192, 0, 2, 2),
+            IPPROTO_UDP,
+            8,
+        );
+        assert_eq!(checksum(&h), 0, "a header with its checksum sums to zero");
+    }
+
+    #[test]
+    fn rfc1071_example() {
+        // RFC 1071 section 3 example: words 0001 f203 f4f5 f6f7 sum to ddf2, checksum 220d.
+        assert_eq!(
+            checksum(&[0x00, 0x01, 0xf2, 0x03, 0xf4, 0xf5, 0xf6, 0xf7]),
+            0x220d
+        );
+    }
+
+    #[test]
+    fn udp_checksum_verifies() {
+        let (s, d) = (Ipv4Addr::new(10, 244, 1, 2), Ipv4Addr::new(10, 244, 2, 3));
+        let f = udp4(
+            [2, 0, 0, 0, 0, 1],
+            [2, 0, 0, 0, 0, 2],
+            s,
+            d,
+            1234,
+            5678,
+            b"hello",
+        );
+        assert_eq!(f.len(), ETH_HLEN + IPV4_HLEN + UDP_HLEN + 5);
+        assert_eq!(
+            l4_checksum(s, d, IPPROTO_UDP, &f[ETH_HLEN + IPV4_HLEN..]),
+            0
+        );
+    }
+}
