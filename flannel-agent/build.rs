@@ -8,11 +8,8 @@ use anyhow::{Context, Result};
 use flannel_ebpf_builder::{build, BuildOptions, Provision};
 
 fn main() -> Result<()> {
-    let manifest_dir =
-        PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").context("CARGO_MANIFEST_DIR unset")?);
-    let workspace = manifest_dir
-        .parent()
-        .context("flannel-agent has no parent directory")?;
+    let manifest_dir = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").context("CARGO_MANIFEST_DIR unset")?);
+    let workspace = manifest_dir.parent().context("flannel-agent has no parent directory")?;
     for input in [
         "flannel-ebpf/src",
         "flannel-ebpf/Cargo.toml",
@@ -26,9 +23,7 @@ fn main() -> Result<()> {
         println!("cargo:rerun-if-env-changed={var}");
     }
     let object = build(&BuildOptions::for_workspace(workspace, Provision::Report))?;
-    let out =
-        PathBuf::from(std::env::var_os("OUT_DIR").context("OUT_DIR unset")?).join("flannel-ebpf.o");
-    std::fs::copy(&object, &out)
-        .with_context(|| format!("copying {} to {}", object.display(), out.display()))?;
+    let out = PathBuf::from(std::env::var_os("OUT_DIR").context("OUT_DIR unset")?).join("flannel-ebpf.o");
+    std::fs::copy(&object, &out).with_context(|| format!("copying {} to {}", object.display(), out.display()))?;
     Ok(())
 }

@@ -5,29 +5,14 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "flannel-agent",
-    version,
-    about = "flannel-compatible node agent with an eBPF datapath"
-)]
+#[command(name = "flannel-agent", version, about = "flannel-compatible node agent with an eBPF datapath")]
 pub struct Cli {
     /// Directory on a BPF filesystem under which maps and links are pinned.
-    #[arg(
-        long,
-        global = true,
-        env = "FLANNELD_BPF_PIN_PATH",
-        default_value = "/sys/fs/bpf/flannel"
-    )]
+    #[arg(long, global = true, env = "FLANNELD_BPF_PIN_PATH", default_value = "/sys/fs/bpf/flannel")]
     pub bpf_pin_path: PathBuf,
 
     /// Log verbosity, as flanneld's -v: 0 = info, 1 = debug, 2 or more = trace.
-    #[arg(
-        short = 'v',
-        long = "v",
-        global = true,
-        env = "FLANNELD_V",
-        default_value_t = 0
-    )]
+    #[arg(short = 'v', long = "v", global = true, env = "FLANNELD_V", default_value_t = 0)]
     pub verbosity: u8,
 
     #[command(subcommand)]

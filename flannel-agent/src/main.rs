@@ -27,29 +27,19 @@ fn init_logging(verbosity: u8) {
         _ => "trace",
     };
     let filter = EnvFilter::try_from_env("RUST_LOG").unwrap_or_else(|_| EnvFilter::new(level));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
 }
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Counters(CountersCommand::Attach(arg)) => {
-            counters::attach(&arg.iface, &cli.bpf_pin_path)
-        }
-        Command::Counters(CountersCommand::Detach(arg)) => {
-            counters::detach(&arg.iface, &cli.bpf_pin_path)
-        }
+        Command::Counters(CountersCommand::Attach(arg)) => counters::attach(&arg.iface, &cli.bpf_pin_path),
+        Command::Counters(CountersCommand::Detach(arg)) => counters::detach(&arg.iface, &cli.bpf_pin_path),
         Command::Counters(CountersCommand::Show { json }) => {
             let rows = counters::read(&cli.bpf_pin_path)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
             } else {
-                println!(
-                    "{:<8} {:<16} {:<12} {:>12} {:>14}",
-                    "IFINDEX", "INTERFACE", "DIRECTION", "PACKETS", "BYTES"
-                );
+                println!("{:<8} {:<16} {:<12} {:>12} {:>14}", "IFINDEX", "INTERFACE", "DIRECTION", "PACKETS", "BYTES");
                 for row in rows {
                     let name = counters::interface_name(row.ifindex).unwrap_or_else(|| "-".into());
                     println!(

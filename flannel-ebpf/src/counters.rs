@@ -10,16 +10,12 @@ use aya_ebpf::{
 use flannel_common::counters::{Direction, IfaceCounterKey, PacketCounter, COUNTERS_MAX_ENTRIES};
 
 #[btf_map(name = "fl_counters_v1")]
-static COUNTERS: PerCpuHashMap<IfaceCounterKey, PacketCounter, COUNTERS_MAX_ENTRIES> =
-    PerCpuHashMap::new();
+static COUNTERS: PerCpuHashMap<IfaceCounterKey, PacketCounter, COUNTERS_MAX_ENTRIES> = PerCpuHashMap::new();
 
 /// Adds one packet of `bytes` to this CPU's counter for (`ifindex`, `direction`).
 #[inline(always)]
 fn count(ifindex: u32, direction: Direction, bytes: u64) {
-    let key = IfaceCounterKey {
-        ifindex,
-        direction: direction as u32,
-    };
+    let key = IfaceCounterKey { ifindex, direction: direction as u32 };
     let slot = match COUNTERS.get_ptr_mut(&key) {
         Some(slot) => slot,
         None => {

@@ -20,24 +20,14 @@ impl PrivateBpffs {
     /// Mounts a fresh bpffs on a new directory under the temp dir.
     pub fn mount() -> Result<PrivateBpffs> {
         let mountpoint = std::env::temp_dir().join(format!("flannel-bpffs-{}", unique("")));
-        std::fs::create_dir(&mountpoint)
-            .with_context(|| format!("creating {}", mountpoint.display()))?;
+        std::fs::create_dir(&mountpoint).with_context(|| format!("creating {}", mountpoint.display()))?;
         let target = CString::new(mountpoint.as_os_str().as_bytes())?;
         // SAFETY: NUL-terminated strings that outlive the call; no data argument.
-        let rc = unsafe {
-            libc::mount(
-                c"bpf".as_ptr(),
-                target.as_ptr(),
-                c"bpf".as_ptr(),
-                0,
-                std::ptr::null(),
-            )
-        };
+        let rc = unsafe { libc::mount(c"bpf".as_ptr(), target.as_ptr(), c"bpf".as_ptr(), 0, std::ptr::null()) };
         if rc != 0 {
             let error = std::io::Error::last_os_error();
             let _ = std::fs::remove_dir(&mountpoint);
-            return Err(error)
-                .with_context(|| format!("mounting bpffs on {}", mountpoint.display()));
+            return Err(error).with_context(|| format!("mounting bpffs on {}", mountpoint.display()));
         }
         Ok(PrivateBpffs { mountpoint })
     }

@@ -75,35 +75,20 @@ impl NetNs {
 
     /// Sets a sysctl of this namespace (net.* sysctls are per namespace).
     pub fn sysctl(&self, key: &str, value: &str) -> Result<()> {
-        run(self
-            .command("sysctl")
-            .args(["-q", "-w", &format!("{key}={value}")]))?;
+        run(self.command("sysctl").args(["-q", "-w", &format!("{key}={value}")]))?;
         Ok(())
     }
 }
 
 impl Drop for NetNs {
     fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .output();
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
     }
 }
 
 /// Creates a veth pair `a_if` in `a` ↔ `b_if` in `b`, both up. It dies with the namespaces.
 pub fn veth_pair(a: &NetNs, a_if: &str, b: &NetNs, b_if: &str) -> Result<()> {
-    a.ip(&[
-        "link",
-        "add",
-        a_if,
-        "type",
-        "veth",
-        "peer",
-        "name",
-        b_if,
-        "netns",
-        b.name(),
-    ])?;
+    a.ip(&["link", "add", a_if, "type", "veth", "peer", "name", b_if, "netns", b.name()])?;
     a.ip(&["link", "set", a_if, "up"])?;
     b.ip(&["link", "set", b_if, "up"])?;
     Ok(())
@@ -111,15 +96,9 @@ pub fn veth_pair(a: &NetNs, a_if: &str, b: &NetNs, b_if: &str) -> Result<()> {
 
 /// Runs a command to completion; a non-zero exit is an error carrying the command and stderr.
 pub fn run(command: &mut Command) -> Result<Output> {
-    let output = command
-        .output()
-        .with_context(|| format!("spawning {command:?}"))?;
+    let output = command.output().with_context(|| format!("spawning {command:?}"))?;
     if !output.status.success() {
-        bail!(
-            "{command:?} failed ({}): {}",
-            output.status,
-            String::from_utf8_lossy(&output.stderr).trim()
-        );
+        bail!("{command:?} failed ({}): {}", output.status, String::from_utf8_lossy(&output.stderr).trim());
     }
     Ok(output)
 }

@@ -74,11 +74,8 @@ pub fn l4_checksum(src: Ipv4Addr, dst: Ipv4Addr, protocol: u8, segment: &[u8]) -
 
 fn sum(data: &[u8], mut acc: u32) -> u32 {
     for chunk in data.chunks(2) {
-        let word = if chunk.len() == 2 {
-            u16::from_be_bytes([chunk[0], chunk[1]])
-        } else {
-            u16::from_be_bytes([chunk[0], 0])
-        };
+        let word =
+            if chunk.len() == 2 { u16::from_be_bytes([chunk[0], chunk[1]]) } else { u16::from_be_bytes([chunk[0], 0]) };
         acc += u32::from(word);
     }
     acc
@@ -97,40 +94,21 @@ mod tests {
 
     #[test]
     fn ipv4_header_checksum_verifies() {
-        let h = ipv4_header(
-            Ipv4Addr::new(192, 0, 2, 1),
-            Ipv4Addr::new(192, 0, 2, 2),
-            IPPROTO_UDP,
-            8,
-        );
+        let h = ipv4_header(Ipv4Addr::new(192, 0, 2, 1), Ipv4Addr::new(192, 0, 2, 2), IPPROTO_UDP, 8);
         assert_eq!(checksum(&h), 0, "a header with its checksum sums to zero");
     }
 
     #[test]
     fn rfc1071_example() {
         // RFC 1071 section 3 example: words 0001 f203 f4f5 f6f7 sum to ddf2, checksum 220d.
-        assert_eq!(
-            checksum(&[0x00, 0x01, 0xf2, 0x03, 0xf4, 0xf5, 0xf6, 0xf7]),
-            0x220d
-        );
+        assert_eq!(checksum(&[0x00, 0x01, 0xf2, 0x03, 0xf4, 0xf5, 0xf6, 0xf7]), 0x220d);
     }
 
     #[test]
     fn udp_checksum_verifies() {
         let (s, d) = (Ipv4Addr::new(10, 244, 1, 2), Ipv4Addr::new(10, 244, 2, 3));
-        let f = udp4(
-            [2, 0, 0, 0, 0, 1],
-            [2, 0, 0, 0, 0, 2],
-            s,
-            d,
-            1234,
-            5678,
-            b"hello",
-        );
+        let f = udp4([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2], s, d, 1234, 5678, b"hello");
         assert_eq!(f.len(), ETH_HLEN + IPV4_HLEN + UDP_HLEN + 5);
-        assert_eq!(
-            l4_checksum(s, d, IPPROTO_UDP, &f[ETH_HLEN + IPV4_HLEN..]),
-            0
-        );
+        assert_eq!(l4_checksum(s, d, IPPROTO_UDP, &f[ETH_HLEN + IPV4_HLEN..]), 0);
     }
 }

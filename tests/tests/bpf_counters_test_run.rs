@@ -34,120 +34,57 @@ fn frame() -> Vec<u8> {
 
 fn counter(ebpf: &Ebpf, direction: Direction) -> PacketCounter {
     let map: PerCpuHashMap<_, IfaceCounterKey, PacketCounter> =
-        PerCpuHashMap::try_from(ebpf.map(COUNTERS_MAP).expect("counters map"))
-            .expect("per-CPU hash");
-    let key = IfaceCounterKey {
-        ifindex: LOOPBACK_IFINDEX,
-        direction: direction as u32,
-    };
+        PerCpuHashMap::try_from(ebpf.map(COUNTERS_MAP).expect("counters map")).expect("per-CPU hash");
+    let key = IfaceCounterKey { ifindex: LOOPBACK_IFINDEX, direction: direction as u32 };
     match map.get(&key, 0) {
-        Ok(per_cpu) => per_cpu
-            .iter()
-            .fold(PacketCounter::default(), |a, c| PacketCounter {
-                packets: a.packets + c.packets,
-                bytes: a.bytes + c.bytes,
-            }),
+        Ok(per_cpu) => per_cpu.iter().fold(PacketCounter::default(), |a, c| PacketCounter {
+            packets: a.packets + c.packets,
+            bytes: a.bytes + c.bytes,
+        }),
         Err(aya::maps::MapError::KeyNotFound) => PacketCounter::default(),
         Err(e) => panic!("reading counter: {e}"),
     }
 }
 
 fn run(
-    program: &impl TestRun<
-        Opts<'static> = TestRunOptions<'static>,
-        Result = aya::programs::TestRunResult,
-    >,
+    program: &impl TestRun<Opts<'static> = TestRunOptions<'static>, Result = aya::programs::TestRunResult>,
     data: &'static [u8],
     repeat: u32,
 ) -> u32 {
-    let opts = TestRunOptions {
-        data_in: Some(data),
-        repeat,
-        ..Default::default()
-    };
-    program
-        .test_run(opts)
-        .expect("BPF_PROG_TEST_RUN")
-        .return_value
+    let opts = TestRunOptions { data_in: Some(data), repeat, ..Default::default() };
+    program.test_run(opts).expect("BPF_PROG_TEST_RUN").return_value
 }
 
 #[test]
 fn xdp_counter_passes_and_counts_each_frame() {
     require_root().unwrap();
     let mut ebpf = object::load_unpinned().unwrap();
-    let xdp: &mut Xdp = ebpf
-        .program_mut(counters::XDP_PROGRAM)
-        .unwrap()
-        .try_into()
-        .unwrap();
+    let xdp: &mut Xdp = ebpf.program_mut(counters::XDP_PROGRAM).unwrap().try_into().unwrap();
     xdp.load().unwrap();
     let data: &'static [u8] = Box::leak(frame().into_boxed_slice());
 
-    assert_eq!(
-        counter(&ebpf, Direction::XdpIngress),
-        PacketCounter::default()
-    );
-    let xdp: &Xdp = ebpf
-        .program(counters::XDP_PROGRAM)
-        .unwrap()
-        .try_into()
-        .unwrap();
+    assert_eq!(counter(&ebpf, Direction::XdpIngress), PacketCounter::default());
+    let xdp: &Xdp = ebpf.program(counters::XDP_PROGRAM).unwrap().try_into().unwrap();
     assert_eq!(run(xdp, data, 1), XDP_PASS);
-    assert_eq!(
-        counter(&ebpf, Direction::XdpIngress),
-        PacketCounter {
-            packets: 1,
-            bytes: 64
-        }
-    );
+    assert_eq!(counter(&ebpf, Direction::XdpIngress), PacketCounter { packets: 1, bytes: 64 });
 
     // Each of `repeat` runs counts once.
-    let xdp: &Xdp = ebpf
-        .program(counters::XDP_PROGRAM)
-        .unwrap()
-        .try_into()
-        .unwrap();
+    let xdp: &Xdp = ebpf.program(counters::XDP_PROGRAM).unwrap().try_into().unwrap();
     assert_eq!(run(xdp, data, 9), XDP_PASS);
-    assert_eq!(
-        counter(&ebpf, Direction::XdpIngress),
-        PacketCounter {
-            packets: 10,
-            bytes: 640
-        }
-    );
+    assert_eq!(counter(&ebpf, Direction::XdpIngress), PacketCounter { packets: 10, bytes: 640 });
     // The egress counter is untouched by XDP.
-    assert_eq!(
-        counter(&ebpf, Direction::TcEgress),
-        PacketCounter::default()
-    );
+    assert_eq!(counter(&ebpf, Direction::TcEgress), PacketCounter::default());
 }
 
 #[test]
 fn tc_counter_continues_to_next_program_and_counts() {
     require_root().unwrap();
     let mut ebpf = object::load_unpinned().unwrap();
-    let tc: &mut SchedClassifier = ebpf
-        .program_mut(counters::TC_PROGRAM)
-        .unwrap()
-        .try_into()
-        .unwrap();
+    let tc: &mut SchedClassifier = ebpf.program_mut(counters::TC_PROGRAM).unwrap().try_into().unwrap();
     tc.load().unwrap();
     let data: &'static [u8] = Box::leak(frame().into_boxed_slice());
-    let tc: &SchedClassifier = ebpf
-        .program(counters::TC_PROGRAM)
-        .unwrap()
-        .try_into()
-        .unwrap();
+    let tc: &SchedClassifier = ebpf.program(counters::TC_PROGRAM).unwrap().try_into().unwrap();
     assert_eq!(run(tc, data, 3), TC_ACT_UNSPEC);
-    assert_eq!(
-        counter(&ebpf, Direction::TcEgress),
-        PacketCounter {
-            packets: 3,
-            bytes: 192
-        }
-    );
-    assert_eq!(
-        counter(&ebpf, Direction::XdpIngress),
-        PacketCounter::default()
-    );
+    assert_eq!(counter(&ebpf, Direction::TcEgress), PacketCounter { packets: 3, bytes: 192 });
+    assert_eq!(counter(&ebpf, Direction::XdpIngress), PacketCounter::default());
 }

@@ -34,47 +34,20 @@ impl Lab {
         ] {
             ns.ip(&["link", "set", "eth0", "address", mac]).unwrap();
             ns.ip(&["addr", "add", addr, "dev", "eth0"]).unwrap();
-            ns.ip(&[
-                "neigh",
-                "replace",
-                peer,
-                "lladdr",
-                peer_mac,
-                "dev",
-                "eth0",
-                "nud",
-                "permanent",
-            ])
-            .unwrap();
+            ns.ip(&["neigh", "replace", peer, "lladdr", peer_mac, "dev", "eth0", "nud", "permanent"]).unwrap();
         }
-        Lab {
-            client,
-            node,
-            bpffs,
-        }
+        Lab { client, node, bpffs }
     }
 
     fn agent(&self, args: &[&str]) -> String {
         let mut command = self.node.command(agent::binary().unwrap());
-        command
-            .arg("--bpf-pin-path")
-            .arg(self.bpffs.path().join("flannel"))
-            .args(args);
+        command.arg("--bpf-pin-path").arg(self.bpffs.path().join("flannel")).args(args);
         String::from_utf8(run(&mut command).unwrap().stdout).unwrap()
     }
 
     fn ping(&self, count: u32) {
-        run(self.client.command("ping").args([
-            "-c",
-            &count.to_string(),
-            "-i",
-            "0.02",
-            "-W",
-            "1",
-            "-q",
-            "192.0.2.2",
-        ]))
-        .unwrap();
+        run(self.client.command("ping").args(["-c", &count.to_string(), "-i", "0.02", "-W", "1", "-q", "192.0.2.2"]))
+            .unwrap();
     }
 
     fn node_ifindex(&self) -> u64 {
@@ -85,8 +58,7 @@ impl Lab {
 
     /// (packets, bytes) per direction from `flannel-agent counters show --json`.
     fn agent_counters(&self) -> Vec<(u64, String, u64, u64)> {
-        let rows: Value =
-            serde_json::from_str(&self.agent(&["counters", "show", "--json"])).unwrap();
+        let rows: Value = serde_json::from_str(&self.agent(&["counters", "show", "--json"])).unwrap();
         rows.as_array()
             .unwrap()
             .iter()
@@ -105,16 +77,8 @@ impl Lab {
     /// field names (`ifindex`, `direction`, `packets`, `bytes`).
     fn bpftool_counters(&self) -> Vec<(u64, u64, u64, u64)> {
         let pin = self.bpffs.path().join("flannel/maps/fl_counters_v1");
-        let out = Command::new("bpftool")
-            .args(["-j", "map", "dump", "pinned"])
-            .arg(&pin)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "bpftool: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let out = Command::new("bpftool").args(["-j", "map", "dump", "pinned"]).arg(&pin).output().unwrap();
+        assert!(out.status.success(), "bpftool: {}", String::from_utf8_lossy(&out.stderr));
         let entries: Value = serde_json::from_slice(&out.stdout).unwrap();
         let mut rows: Vec<_> = entries
             .as_array()
@@ -122,22 +86,10 @@ impl Lab {
             .iter()
             .map(|e| {
                 let f = &e["formatted"];
-                let (p, b) = f["values"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .fold((0, 0), |(p, b), v| {
-                        (
-                            p + v["value"]["packets"].as_u64().unwrap(),
-                            b + v["value"]["bytes"].as_u64().unwrap(),
-                        )
-                    });
-                (
-                    f["key"]["ifindex"].as_u64().unwrap(),
-                    f["key"]["direction"].as_u64().unwrap(),
-                    p,
-                    b,
-                )
+                let (p, b) = f["values"].as_array().unwrap().iter().fold((0, 0), |(p, b), v| {
+                    (p + v["value"]["packets"].as_u64().unwrap(), b + v["value"]["bytes"].as_u64().unwrap())
+                });
+                (f["key"]["ifindex"].as_u64().unwrap(), f["key"]["direction"].as_u64().unwrap(), p, b)
             })
             .collect();
         rows.sort();
@@ -158,17 +110,10 @@ fn pings_are_counted_exactly_and_survive_program_replacement() {
             (ifindex, "tc-egress".to_string(), n, n * ECHO_FRAME_BYTES),
         ]
     };
-    assert_eq!(
-        lab.agent_counters(),
-        expect(5),
-        "5 echo requests in (XDP), 5 replies out (TC)"
-    );
+    assert_eq!(lab.agent_counters(), expect(5), "5 echo requests in (XDP), 5 replies out (TC)");
     assert_eq!(
         lab.bpftool_counters(),
-        vec![
-            (ifindex, 0, 5, 5 * ECHO_FRAME_BYTES),
-            (ifindex, 1, 5, 5 * ECHO_FRAME_BYTES)
-        ]
+        vec![(ifindex, 0, 5, 5 * ECHO_FRAME_BYTES), (ifindex, 1, 5, 5 * ECHO_FRAME_BYTES)]
     );
 
     // Attaching again swaps the programs inside the pinned links and reuses the pinned map:
@@ -179,10 +124,7 @@ fn pings_are_counted_exactly_and_survive_program_replacement() {
 
     // Detaching removes the links and, with the last interface, the map and directories.
     lab.agent(&["counters", "detach", "--iface", "eth0"]);
-    assert!(
-        !lab.bpffs.path().join("flannel").exists(),
-        "pin root left behind after detach"
-    );
+    assert!(!lab.bpffs.path().join("flannel").exists(), "pin root left behind after detach");
     lab.ping(1); // traffic still flows with nothing attached
 }
 
@@ -197,12 +139,6 @@ fn attach_to_missing_interface_fails_naming_it() {
     let out = command.output().unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stderr.contains("nosuch0"),
-        "error should name the interface: {stderr}"
-    );
-    assert!(
-        !lab.bpffs.path().join("flannel").exists(),
-        "a failed attach left pins behind"
-    );
+    assert!(stderr.contains("nosuch0"), "error should name the interface: {stderr}");
+    assert!(!lab.bpffs.path().join("flannel").exists(), "a failed attach left pins behind");
 }

@@ -14,15 +14,9 @@ const PINGS: u32 = 10;
 
 pub fn run() -> Result<()> {
     require_root()?;
-    ensure_debian_packages(
-        &["iproute2", "iputils-ping", "procps", "bpftool"],
-        Provision::Install,
-    )?;
+    ensure_debian_packages(&["iproute2", "iputils-ping", "procps", "bpftool"], Provision::Install)?;
     Prerequisites::ensure(Provision::Install)?;
-    run_step(
-        "build agent",
-        cargo().args(["build", "--package", "flannel-agent", "--bins"]),
-    )?;
+    run_step("build agent", cargo().args(["build", "--package", "flannel-agent", "--bins"]))?;
     let agent = workspace_root()?.join("target/debug/flannel-agent");
 
     let bpffs = PrivateBpffs::mount()?;
@@ -46,34 +40,17 @@ pub fn run() -> Result<()> {
         Ok(String::from_utf8_lossy(&output.stdout).into_owned())
     };
     agent_in_node(&["counters", "attach", "--iface", "eth0"])?;
-    println!(
-        "attached fl_count_xdp (ingress) and fl_count_tc (egress) to eth0 in {}",
-        node.name()
-    );
+    println!("attached fl_count_xdp (ingress) and fl_count_tc (egress) to eth0 in {}", node.name());
 
-    let ping = run_checked(client.command("ping").args([
-        "-c",
-        &PINGS.to_string(),
-        "-i",
-        "0.05",
-        "-q",
-        "192.0.2.2",
-    ]))?;
+    let ping = run_checked(client.command("ping").args(["-c", &PINGS.to_string(), "-i", "0.05", "-q", "192.0.2.2"]))?;
     println!("{}", String::from_utf8_lossy(&ping.stdout).trim());
 
     println!("\nflannel-agent counters show (from the pinned map):");
     print!("{}", agent_in_node(&["counters", "show"])?);
 
     let map = pin_root.join("maps").join(flannel_common_map_name());
-    let dump = Command::new("bpftool")
-        .args(["map", "dump", "pinned"])
-        .arg(&map)
-        .output()
-        .context("running bpftool")?;
-    println!(
-        "\nbpftool map dump pinned {} (BTF field names):",
-        map.display()
-    );
+    let dump = Command::new("bpftool").args(["map", "dump", "pinned"]).arg(&map).output().context("running bpftool")?;
+    println!("\nbpftool map dump pinned {} (BTF field names):", map.display());
     print!("{}", String::from_utf8_lossy(&dump.stdout));
 
     agent_in_node(&["counters", "detach", "--iface", "eth0"])?;

@@ -43,17 +43,11 @@ fn main() -> Result<()> {
 /// The workspace root (xtask lives in `<root>/xtask`).
 pub fn workspace_root() -> Result<PathBuf> {
     let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    manifest
-        .parent()
-        .map(PathBuf::from)
-        .context("xtask has no parent directory")
+    manifest.parent().map(PathBuf::from).context("xtask has no parent directory")
 }
 
 pub fn build_ebpf() -> Result<PathBuf> {
-    build(&BuildOptions::for_workspace(
-        &workspace_root()?,
-        Provision::Install,
-    ))
+    build(&BuildOptions::for_workspace(&workspace_root()?, Provision::Install))
 }
 
 /// The cargo that runs this xtask (rustup's, for the host crates).
@@ -69,9 +63,7 @@ pub fn cargo() -> std::process::Command {
 /// Runs `command`, echoing it, and fails unless it succeeds.
 pub fn run_step(what: &str, command: &mut std::process::Command) -> Result<()> {
     eprintln!("[xtask] {what}: {command:?}");
-    let status = command
-        .status()
-        .with_context(|| format!("spawning {command:?}"))?;
+    let status = command.status().with_context(|| format!("spawning {command:?}"))?;
     anyhow::ensure!(status.success(), "{what} failed ({status})");
     Ok(())
 }

@@ -22,8 +22,7 @@ pub fn is_bpffs(path: &Path) -> Result<bool> {
     let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: c_path is NUL-terminated and stat is a valid out-pointer.
     if unsafe { libc::statfs(c_path.as_ptr(), &mut stat) } != 0 {
-        return Err(std::io::Error::last_os_error())
-            .with_context(|| format!("statfs {}", path.display()));
+        return Err(std::io::Error::last_os_error()).with_context(|| format!("statfs {}", path.display()));
     }
     Ok(stat.f_type as i64 == BPF_FS_MAGIC)
 }
@@ -37,10 +36,7 @@ pub fn ensure_pin_dir(dir: &Path) -> Result<()> {
         let system = Path::new(SYSTEM_BPFFS);
         if dir.starts_with(system) && system.is_dir() && !is_bpffs(system)? {
             mount_bpffs(system)?;
-            tracing::info!(
-                path = SYSTEM_BPFFS,
-                "mounted the BPF filesystem (it was not mounted)"
-            );
+            tracing::info!(path = SYSTEM_BPFFS, "mounted the BPF filesystem (it was not mounted)");
         } else {
             bail!(
                 "BPF pin path {} is not on a BPF filesystem ({} is not bpffs); mount one with `mount -t bpf bpf <dir>` or choose a --bpf-pin-path under {SYSTEM_BPFFS}",
@@ -49,13 +45,11 @@ pub fn ensure_pin_dir(dir: &Path) -> Result<()> {
             );
         }
     }
-    std::fs::create_dir_all(dir)
-        .with_context(|| format!("creating BPF pin directory {}", dir.display()))
+    std::fs::create_dir_all(dir).with_context(|| format!("creating BPF pin directory {}", dir.display()))
 }
 
 fn nearest_existing_ancestor(dir: &Path) -> Result<PathBuf> {
-    let absolute =
-        std::path::absolute(dir).with_context(|| format!("resolving {}", dir.display()))?;
+    let absolute = std::path::absolute(dir).with_context(|| format!("resolving {}", dir.display()))?;
     absolute
         .ancestors()
         .find(|p| p.exists())
@@ -68,22 +62,10 @@ pub fn mount_bpffs(target: &Path) -> Result<()> {
     let c_target = CString::new(target.as_os_str().as_bytes())
         .with_context(|| format!("path {} contains a NUL byte", target.display()))?;
     // SAFETY: all pointers are NUL-terminated strings that outlive the call; data is null.
-    let rc = unsafe {
-        libc::mount(
-            c"bpf".as_ptr(),
-            c_target.as_ptr(),
-            c"bpf".as_ptr(),
-            0,
-            std::ptr::null(),
-        )
-    };
+    let rc = unsafe { libc::mount(c"bpf".as_ptr(), c_target.as_ptr(), c"bpf".as_ptr(), 0, std::ptr::null()) };
     if rc != 0 {
-        return Err(std::io::Error::last_os_error()).with_context(|| {
-            format!(
-                "mounting bpffs on {} (needs root / CAP_SYS_ADMIN)",
-                target.display()
-            )
-        });
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("mounting bpffs on {} (needs root / CAP_SYS_ADMIN)", target.display()));
     }
     Ok(())
 }
@@ -95,30 +77,13 @@ pub fn check_pinned_map_matches_object(pin: &Path, name: &str) -> Result<()> {
     if !pin.exists() {
         return Ok(());
     }
-    let object = aya_obj::Object::parse(super::object::EBPF_OBJECT)
-        .context("parsing the embedded eBPF object")?;
-    let wanted = object
-        .maps
-        .get(name)
-        .with_context(|| format!("map {name} is not in the embedded eBPF object"))?;
-    let pinned =
-        MapInfo::from_pin(pin).with_context(|| format!("reading pinned map {}", pin.display()))?;
-    let ours = (
-        wanted.map_type(),
-        wanted.key_size(),
-        wanted.value_size(),
-        wanted.max_entries(),
-    );
-    let pinned_type = pinned
-        .map_type()
-        .with_context(|| format!("reading the type of pinned map {}", pin.display()))?
-        as u32;
-    let theirs = (
-        pinned_type,
-        pinned.key_size(),
-        pinned.value_size(),
-        pinned.max_entries(),
-    );
+    let object = aya_obj::Object::parse(super::object::EBPF_OBJECT).context("parsing the embedded eBPF object")?;
+    let wanted = object.maps.get(name).with_context(|| format!("map {name} is not in the embedded eBPF object"))?;
+    let pinned = MapInfo::from_pin(pin).with_context(|| format!("reading pinned map {}", pin.display()))?;
+    let ours = (wanted.map_type(), wanted.key_size(), wanted.value_size(), wanted.max_entries());
+    let pinned_type =
+        pinned.map_type().with_context(|| format!("reading the type of pinned map {}", pin.display()))? as u32;
+    let theirs = (pinned_type, pinned.key_size(), pinned.value_size(), pinned.max_entries());
     if ours != theirs {
         bail!(
             "pinned map {} has (type, key size, value size, max entries) = {theirs:?} but this agent's {name} needs {ours:?}; \

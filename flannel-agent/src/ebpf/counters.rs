@@ -50,13 +50,10 @@ trait LinkAttach {
 impl LinkAttach for Xdp {
     type Link = XdpLink;
     fn attach_new(&mut self, interface: &str) -> Result<FdLink> {
-        let id = self
-            .attach(interface, XdpMode::default())
-            .with_context(|| format!("attaching XDP to {interface}"))?;
+        let id = self.attach(interface, XdpMode::default()).with_context(|| format!("attaching XDP to {interface}"))?;
         let link = self.take_link(id)?;
-        FdLink::try_from(link).with_context(|| {
-            format!("XDP on {interface} was attached without a bpf_link (kernel too old?)")
-        })
+        FdLink::try_from(link)
+            .with_context(|| format!("XDP on {interface} was attached without a bpf_link (kernel too old?)"))
     }
     fn replace_in(&mut self, link: XdpLink) -> Result<()> {
         let id = self.attach_to_link(link)?;
@@ -74,9 +71,8 @@ impl LinkAttach for SchedClassifier {
             .attach(interface, TcAttachType::Egress)
             .with_context(|| format!("attaching TC egress to {interface}"))?;
         let link = self.take_link(id)?;
-        FdLink::try_from(link).with_context(|| {
-            format!("TC on {interface} was attached without a TCX link (needs Linux >= 6.6)")
-        })
+        FdLink::try_from(link)
+            .with_context(|| format!("TC on {interface} was attached without a TCX link (needs Linux >= 6.6)"))
     }
     fn replace_in(&mut self, link: SchedClassifierLink) -> Result<()> {
         let id = self.attach_to_link(link)?;
@@ -101,20 +97,15 @@ fn attach_pinned<P: LinkAttach>(program: &mut P, interface: &str, pin: &Path) ->
                 Err(error) => {
                     // Typically ENOLINK: the interface was deleted (or recreated) since.
                     tracing::warn!(interface, pin = %pin.display(), error = format!("{error:#}"), "pinned link is unusable; attaching anew");
-                    std::fs::remove_file(pin)
-                        .with_context(|| format!("removing stale link pin {}", pin.display()))?;
+                    std::fs::remove_file(pin).with_context(|| format!("removing stale link pin {}", pin.display()))?;
                 }
             }
         }
-        Err(aya::programs::links::LinkError::SyscallError(e))
-            if e.io_error.kind() == io::ErrorKind::NotFound => {}
-        Err(error) => {
-            return Err(error).with_context(|| format!("opening link pin {}", pin.display()))
-        }
+        Err(aya::programs::links::LinkError::SyscallError(e)) if e.io_error.kind() == io::ErrorKind::NotFound => {}
+        Err(error) => return Err(error).with_context(|| format!("opening link pin {}", pin.display())),
     }
     let link = program.attach_new(interface)?;
-    link.pin(pin)
-        .with_context(|| format!("pinning link at {}", pin.display()))?;
+    link.pin(pin).with_context(|| format!("pinning link at {}", pin.display()))?;
     tracing::info!(interface, pin = %pin.display(), "attached and pinned");
     Ok(())
 }
@@ -123,12 +114,9 @@ fn program_mut<'a, P>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut P>
 where
     &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
 {
-    let program = ebpf
-        .program_mut(name)
-        .with_context(|| format!("program {name} is not in the embedded eBPF object"))?;
-    program
-        .try_into()
-        .with_context(|| format!("program {name} has an unexpected type"))
+    let program =
+        ebpf.program_mut(name).with_context(|| format!("program {name} is not in the embedded eBPF object"))?;
+    program.try_into().with_context(|| format!("program {name} has an unexpected type"))
 }
 
 /// Loads the counter programs and attaches them to `interface` (XDP ingress, TC egress),
@@ -141,11 +129,7 @@ pub fn attach(interface: &str, pin_root: &Path) -> Result<()> {
     let result = attach_inner(interface, pin_root, &links);
     if let Err(error) = &result {
         if !had_links {
-            tracing::debug!(
-                interface,
-                error = format!("{error:#}"),
-                "rolling back the pins this attach created"
-            );
+            tracing::debug!(interface, error = format!("{error:#}"), "rolling back the pins this attach created");
             let _ = std::fs::remove_dir_all(&links);
             remove_unused_pins(pin_root);
         }
@@ -162,23 +146,18 @@ fn attach_inner(interface: &str, pin_root: &Path, links: &Path) -> Result<()> {
     let mut ebpf = object::load_pinned(&maps)?;
 
     let xdp: &mut Xdp = program_mut(&mut ebpf, XDP_PROGRAM)?;
-    xdp.load()
-        .context("loading fl_count_xdp into the kernel (verifier)")?;
+    xdp.load().context("loading fl_count_xdp into the kernel (verifier)")?;
     attach_pinned(xdp, interface, &links.join(XDP_PROGRAM))?;
 
     let tc: &mut SchedClassifier = program_mut(&mut ebpf, TC_PROGRAM)?;
-    tc.load()
-        .context("loading fl_count_tc into the kernel (verifier)")?;
+    tc.load().context("loading fl_count_tc into the kernel (verifier)")?;
     attach_pinned(tc, interface, &links.join(TC_PROGRAM))?;
     Ok(())
 }
 
 /// The index of `interface` in the caller's network namespace.
 pub fn interface_index(interface: &str) -> Result<u32> {
-    if interface.is_empty()
-        || interface.len() >= libc::IF_NAMESIZE
-        || interface.contains(['/', '\0'])
-    {
+    if interface.is_empty() || interface.len() >= libc::IF_NAMESIZE || interface.contains(['/', '\0']) {
         bail!("invalid interface name {interface:?}");
     }
     let c_name = std::ffi::CString::new(interface)?;
@@ -192,9 +171,7 @@ pub fn interface_index(interface: &str) -> Result<u32> {
 /// Removes the map pins and directories once no interface has links left.
 fn remove_unused_pins(pin_root: &Path) {
     let all_links = pin_root.join("links");
-    let in_use = std::fs::read_dir(&all_links)
-        .map(|mut d| d.next().is_some())
-        .unwrap_or(false);
+    let in_use = std::fs::read_dir(&all_links).map(|mut d| d.next().is_some()).unwrap_or(false);
     if !in_use {
         let _ = std::fs::remove_dir_all(&all_links);
         let _ = std::fs::remove_dir_all(maps_dir(pin_root));
@@ -208,13 +185,9 @@ fn remove_unused_pins(pin_root: &Path) {
 pub fn detach(interface: &str, pin_root: &Path) -> Result<()> {
     let links = links_dir(pin_root, interface);
     if !links.exists() {
-        bail!(
-            "no counters are attached to {interface} under {}",
-            pin_root.display()
-        );
+        bail!("no counters are attached to {interface} under {}", pin_root.display());
     }
-    std::fs::remove_dir_all(&links)
-        .with_context(|| format!("removing link pins {}", links.display()))?;
+    std::fs::remove_dir_all(&links).with_context(|| format!("removing link pins {}", links.display()))?;
     remove_unused_pins(pin_root);
     tracing::info!(interface, "packet counters detached");
     Ok(())
@@ -232,27 +205,15 @@ pub struct CounterRow {
 /// Reads the pinned counters map under `pin_root` and sums each entry over the CPUs.
 pub fn read(pin_root: &Path) -> Result<Vec<CounterRow>> {
     let pin = maps_dir(pin_root).join(COUNTERS_MAP);
-    let data =
-        MapData::from_pin(&pin).with_context(|| format!("opening pinned map {}", pin.display()))?;
-    let map: PerCpuHashMap<_, IfaceCounterKey, PacketCounter> =
-        PerCpuHashMap::try_from(Map::from_map_data(data)?)
-            .with_context(|| format!("{} is not a per-CPU hash map", pin.display()))?;
+    let data = MapData::from_pin(&pin).with_context(|| format!("opening pinned map {}", pin.display()))?;
+    let map: PerCpuHashMap<_, IfaceCounterKey, PacketCounter> = PerCpuHashMap::try_from(Map::from_map_data(data)?)
+        .with_context(|| format!("{} is not a per-CPU hash map", pin.display()))?;
     let mut rows = BTreeMap::new();
     for entry in map.iter() {
         let (key, per_cpu) = entry.with_context(|| format!("iterating {}", pin.display()))?;
         let direction = Direction::from_u32(key.direction).map_or("unknown", Direction::name);
-        let (packets, bytes) = per_cpu
-            .iter()
-            .fold((0, 0), |(p, b), c| (p + c.packets, b + c.bytes));
-        rows.insert(
-            (key.ifindex, key.direction),
-            CounterRow {
-                ifindex: key.ifindex,
-                direction,
-                packets,
-                bytes,
-            },
-        );
+        let (packets, bytes) = per_cpu.iter().fold((0, 0), |(p, b), c| (p + c.packets, b + c.bytes));
+        rows.insert((key.ifindex, key.direction), CounterRow { ifindex: key.ifindex, direction, packets, bytes });
     }
     Ok(rows.into_values().collect())
 }
@@ -266,9 +227,5 @@ pub fn interface_name(ifindex: u32) -> Option<String> {
         return None;
     }
     // SAFETY: on success buf holds a NUL-terminated name.
-    Some(
-        unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }
-            .to_string_lossy()
-            .into_owned(),
-    )
+    Some(unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }.to_string_lossy().into_owned())
 }

@@ -6,8 +6,7 @@ use anyhow::{Context, Result};
 use aya::{Ebpf, EbpfLoader};
 
 /// The `flannel-ebpf` ELF object (8-byte aligned, as the ELF parser requires).
-pub static EBPF_OBJECT: &[u8] =
-    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/flannel-ebpf.o"));
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/flannel-ebpf.o"));
 
 /// Every map of the object, by its (versioned) name.
 pub const MAP_NAMES: &[&str] = &[flannel_common::COUNTERS_MAP];
@@ -21,17 +20,12 @@ pub fn load_pinned(maps_dir: &Path) -> Result<Ebpf> {
         super::bpffs::check_pinned_map_matches_object(&pin, name)?;
         loader.map_pin_path(name, pin);
     }
-    loader.load(EBPF_OBJECT).with_context(|| {
-        format!(
-            "loading the embedded eBPF object with maps pinned under {}",
-            maps_dir.display()
-        )
-    })
+    loader
+        .load(EBPF_OBJECT)
+        .with_context(|| format!("loading the embedded eBPF object with maps pinned under {}", maps_dir.display()))
 }
 
 /// Loads the object with private, unpinned maps (BPF_PROG_TEST_RUN tests, benchmarks).
 pub fn load_unpinned() -> Result<Ebpf> {
-    EbpfLoader::new()
-        .load(EBPF_OBJECT)
-        .context("loading the embedded eBPF object")
+    EbpfLoader::new().load(EBPF_OBJECT).context("loading the embedded eBPF object")
 }

@@ -52,10 +52,7 @@ impl BuildOptions {
 /// BTF and the program sections.
 pub fn build(options: &BuildOptions) -> Result<PathBuf> {
     let tools = Prerequisites::ensure(options.provision)?;
-    let manifest = options
-        .workspace_root
-        .join("flannel-ebpf")
-        .join("Cargo.toml");
+    let manifest = options.workspace_root.join("flannel-ebpf").join("Cargo.toml");
     ensure!(
         manifest.is_file(),
         "{} not found: is {} the flannel workspace?",
@@ -68,15 +65,7 @@ pub fn build(options: &BuildOptions) -> Result<PathBuf> {
     // cargo's RUSTFLAGS, RUSTC_WRAPPER, CARGO_* and target settings would leak into this
     // build and make it compile for the host or with clippy.
     cargo.env_clear();
-    for keep in [
-        "HOME",
-        "CARGO_HOME",
-        "TMPDIR",
-        "CARGO_NET_OFFLINE",
-        "http_proxy",
-        "https_proxy",
-        "HTTPS_PROXY",
-    ] {
+    for keep in ["HOME", "CARGO_HOME", "TMPDIR", "CARGO_NET_OFFLINE", "http_proxy", "https_proxy", "HTTPS_PROXY"] {
         if let Some(value) = std::env::var_os(keep) {
             cargo.env(keep, value);
         }
@@ -94,40 +83,21 @@ pub fn build(options: &BuildOptions) -> Result<PathBuf> {
         .arg(&manifest)
         .arg("--target-dir")
         .arg(&options.target_dir);
-    let status = cargo.status().with_context(|| {
-        format!(
-            "running {} for {}",
-            tools.cargo.display(),
-            manifest.display()
-        )
-    })?;
-    ensure!(
-        status.success(),
-        "building {} failed ({status}); see the compiler output above",
-        manifest.display()
-    );
+    let status =
+        cargo.status().with_context(|| format!("running {} for {}", tools.cargo.display(), manifest.display()))?;
+    ensure!(status.success(), "building {} failed ({status}); see the compiler output above", manifest.display());
 
-    let object = options
-        .target_dir
-        .join(TARGET)
-        .join("release")
-        .join("flannel-ebpf");
+    let object = options.target_dir.join(TARGET).join("release").join("flannel-ebpf");
     check_object(&object)?;
     Ok(object)
 }
 
 /// Fails unless `path` is a BPF ELF object holding every section in [`REQUIRED_SECTIONS`].
 pub fn check_object(path: &Path) -> Result<()> {
-    let data =
-        std::fs::read(path).with_context(|| format!("reading eBPF object {}", path.display()))?;
-    let file = object::File::parse(&*data)
-        .with_context(|| format!("parsing eBPF object {} as ELF", path.display()))?;
+    let data = std::fs::read(path).with_context(|| format!("reading eBPF object {}", path.display()))?;
+    let file = object::File::parse(&*data).with_context(|| format!("parsing eBPF object {} as ELF", path.display()))?;
     let names: Vec<&str> = file.sections().filter_map(|s| s.name().ok()).collect();
-    let missing: Vec<&str> = REQUIRED_SECTIONS
-        .iter()
-        .copied()
-        .filter(|want| !names.contains(want))
-        .collect();
+    let missing: Vec<&str> = REQUIRED_SECTIONS.iter().copied().filter(|want| !names.contains(want)).collect();
     if !missing.is_empty() {
         bail!(
             "eBPF object {} lacks sections {missing:?} (has {names:?}); \

@@ -20,15 +20,8 @@ pub enum Provision {
 
 /// Debian packages of the eBPF toolchain (rustc 1.96 linked to LLVM 22, the BPF `core`,
 /// and what bpf-linker links against).
-pub const TOOLCHAIN_PACKAGES: &[&str] = &[
-    "rustc-web",
-    "cargo-web",
-    "libstd-rust-web-dev-bpf",
-    "llvm-22",
-    "llvm-22-dev",
-    "libzstd-dev",
-    "zlib1g-dev",
-];
+pub const TOOLCHAIN_PACKAGES: &[&str] =
+    &["rustc-web", "cargo-web", "libstd-rust-web-dev-bpf", "llvm-22", "llvm-22-dev", "libzstd-dev", "zlib1g-dev"];
 
 pub const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
@@ -45,11 +38,7 @@ impl Prerequisites {
     pub fn ensure(provision: Provision) -> Result<Prerequisites> {
         ensure_debian_packages(TOOLCHAIN_PACKAGES, provision)?;
         let bpf_linker = ensure_bpf_linker(provision)?;
-        Ok(Prerequisites {
-            rustc: PathBuf::from("/usr/bin/rustc"),
-            cargo: PathBuf::from("/usr/bin/cargo"),
-            bpf_linker,
-        })
+        Ok(Prerequisites { rustc: PathBuf::from("/usr/bin/rustc"), cargo: PathBuf::from("/usr/bin/cargo"), bpf_linker })
     }
 
     /// PATH for the eBPF build: bpf-linker's directory first, then the system's — never
@@ -70,9 +59,8 @@ pub fn tool_root() -> Result<PathBuf> {
     } else if let Some(cache) = std::env::var_os("XDG_CACHE_HOME") {
         PathBuf::from(cache).join("flannel-rs")
     } else {
-        let home = std::env::var_os("HOME").context(
-            "neither FLANNEL_TOOLS_DIR, XDG_CACHE_HOME nor HOME is set: cannot place bpf-linker",
-        )?;
+        let home = std::env::var_os("HOME")
+            .context("neither FLANNEL_TOOLS_DIR, XDG_CACHE_HOME nor HOME is set: cannot place bpf-linker")?;
         PathBuf::from(home).join(".cache").join("flannel-rs")
     };
     Ok(base.join(format!("bpf-linker-{BPF_LINKER_VERSION}-llvm22")))
@@ -95,10 +83,7 @@ fn ensure_bpf_linker(provision: Provision) -> Result<PathBuf> {
     if provision == Provision::Report {
         bail!("bpf-linker {BPF_LINKER_VERSION} (built with LLVM 22) is missing at {}. Install it with:\n  {command}\nor run `cargo xtask build-ebpf`, which installs it.", binary.display());
     }
-    eprintln!(
-        "[ebpf-builder] installing bpf-linker {BPF_LINKER_VERSION} into {} (about a minute)",
-        root.display()
-    );
+    eprintln!("[ebpf-builder] installing bpf-linker {BPF_LINKER_VERSION} into {} (about a minute)", root.display());
     let status = Command::new("/usr/bin/cargo")
         .env("LLVM_PREFIX", LLVM_PREFIX)
         // rustup's cargo shims honour RUSTUP_TOOLCHAIN etc.; /usr/bin/cargo does not need them.
@@ -110,15 +95,8 @@ fn ensure_bpf_linker(provision: Provision) -> Result<PathBuf> {
         .args(["--no-default-features", "--features", "llvm-22"])
         .status()
         .with_context(|| format!("running: {command}"))?;
-    ensure!(
-        status.success(),
-        "installing bpf-linker failed ({status}); the command was:\n  {command}"
-    );
-    ensure!(
-        binary.is_file(),
-        "`cargo install` succeeded but {} does not exist",
-        binary.display()
-    );
+    ensure!(status.success(), "installing bpf-linker failed ({status}); the command was:\n  {command}");
+    ensure!(binary.is_file(), "`cargo install` succeeded but {} does not exist", binary.display());
     Ok(binary)
 }
 
@@ -144,38 +122,21 @@ pub fn ensure_debian_packages(packages: &[&str], provision: Provision) -> Result
     if missing.is_empty() {
         return Ok(());
     }
-    let command = format!(
-        "apt-get update && apt-get install -y --no-install-recommends {}",
-        missing.join(" ")
-    );
+    let command = format!("apt-get update && apt-get install -y --no-install-recommends {}", missing.join(" "));
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
     if provision == Provision::Report || !root {
-        let why = if root {
-            ""
-        } else {
-            " (installing them needs root)"
-        };
-        bail!(
-            "missing Debian packages{why}: {}. Install them with:\n  {command}",
-            missing.join(", ")
-        );
+        let why = if root { "" } else { " (installing them needs root)" };
+        bail!("missing Debian packages{why}: {}. Install them with:\n  {command}", missing.join(", "));
     }
-    eprintln!(
-        "[prerequisites] installing Debian packages: {}",
-        missing.join(" ")
-    );
+    eprintln!("[prerequisites] installing Debian packages: {}", missing.join(" "));
     let apt = |args: &[&str]| -> Result<()> {
         let status = Command::new("apt-get")
             .args(args)
             .env("DEBIAN_FRONTEND", "noninteractive")
             .status()
             .with_context(|| format!("running apt-get {}", args.join(" ")))?;
-        ensure!(
-            status.success(),
-            "apt-get {} failed ({status})",
-            args.join(" ")
-        );
+        ensure!(status.success(), "apt-get {} failed ({status})", args.join(" "));
         Ok(())
     };
     apt(&["update", "-q"])?;
@@ -183,10 +144,6 @@ pub fn ensure_debian_packages(packages: &[&str], provision: Provision) -> Result
     install.extend(missing.iter().map(String::as_str));
     apt(&install)?;
     let still = missing_debian_packages(packages)?;
-    ensure!(
-        still.is_empty(),
-        "apt-get reported success but these are still not installed: {}",
-        still.join(", ")
-    );
+    ensure!(still.is_empty(), "apt-get reported success but these are still not installed: {}", still.join(", "));
     Ok(())
 }
