@@ -5,7 +5,7 @@
 use std::process::Command;
 
 use anyhow::{Context, Result};
-use flannel_ebpf_builder::prerequisites::{ensure_debian_packages, Prerequisites, Provision};
+use flannel_ebpf_builder::prerequisites::{ensure_debian_packages, Prerequisites, Provision, HOST_BUILD_PACKAGES};
 use flannel_tests::{netns::run as run_checked, require_root, veth_pair, NetNs, PrivateBpffs};
 
 use crate::{cargo, run_step, workspace_root};
@@ -15,6 +15,7 @@ const PINGS: u32 = 10;
 pub fn run() -> Result<()> {
     require_root()?;
     ensure_debian_packages(&["iproute2", "iputils-ping", "procps", "bpftool"], Provision::Install)?;
+    ensure_debian_packages(HOST_BUILD_PACKAGES, Provision::Install)?;
     Prerequisites::ensure(Provision::Install)?;
     run_step("build agent", cargo().args(["build", "--package", "flannel-agent", "--bins"]))?;
     let agent = workspace_root()?.join("target/debug/flannel-agent");

@@ -7,7 +7,7 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use flannel_ebpf_builder::prerequisites::{ensure_debian_packages, Provision};
+use flannel_ebpf_builder::prerequisites::{ensure_debian_packages, Provision, HOST_BUILD_PACKAGES};
 
 use crate::{build_ebpf, cargo, run_step, workspace_root};
 
@@ -20,7 +20,6 @@ pub const TEST_PACKAGES: &[&str] = &[
     "bpftool",
     "etcd-server",
     "etcd-client",
-    "protobuf-compiler",
     "iptables",
     "nftables",
     "iperf3",
@@ -30,6 +29,7 @@ pub const TEST_PACKAGES: &[&str] = &[
 pub fn run() -> Result<()> {
     let started = Instant::now();
     let root = workspace_root()?;
+    ensure_debian_packages(HOST_BUILD_PACKAGES, Provision::Install)?;
     ensure_debian_packages(TEST_PACKAGES, Provision::Install)?;
 
     run_step("rustfmt (workspace)", cargo().args(["fmt", "--all", "--check"]))?;

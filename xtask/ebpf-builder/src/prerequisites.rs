@@ -23,6 +23,10 @@ pub enum Provision {
 pub const TOOLCHAIN_PACKAGES: &[&str] =
     &["rustc-web", "cargo-web", "libstd-rust-web-dev-bpf", "llvm-22", "llvm-22-dev", "libzstd-dev", "zlib1g-dev"];
 
+/// Debian packages the host crates need to build: `protoc` and the protobuf well-known types
+/// for etcd-client's generated gRPC code.
+pub const HOST_BUILD_PACKAGES: &[&str] = &["protobuf-compiler", "libprotobuf-dev"];
+
 pub const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 
@@ -86,7 +90,7 @@ fn ensure_bpf_linker(provision: Provision) -> Result<PathBuf> {
     eprintln!("[ebpf-builder] installing bpf-linker {BPF_LINKER_VERSION} into {} (about a minute)", root.display());
     let status = Command::new("/usr/bin/cargo")
         .env("LLVM_PREFIX", LLVM_PREFIX)
-        // rustup's cargo shims honour RUSTUP_TOOLCHAIN etc.; /usr/bin/cargo does not need them.
+        // An outer build's compiler settings must not reach bpf-linker's own build.
         .env_remove("RUSTC")
         .env_remove("RUSTFLAGS")
         .args(["install", "--locked", "--root"])
