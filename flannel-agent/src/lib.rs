@@ -3,4 +3,15 @@
 //! See ARCHITECTURE.md at the repository root for which module owns what.
 
 pub mod cli;
+pub mod config;
+pub mod control;
+pub mod daemon;
+pub mod datapath;
+pub mod docker_opts;
 pub mod ebpf;
+pub mod etcd;
+pub mod health;
+pub mod iface;
+pub mod notify;
+pub mod subnet;
+pub mod subnet_env;

@@ -1,15 +1,17 @@
 use std::process::ExitCode;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::Parser;
 use flannel_agent::{
-    cli::{Cli, Command, CountersCommand},
+    cli::{normalize_go_flags, Cli, Command, CountersCommand, DockerOptsArgs},
+    daemon::{self, DaemonOptions},
+    docker_opts::{self, DockerOpts},
     ebpf::counters,
 };
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::parse_from(normalize_go_flags(std::env::args()));
     init_logging(cli.verbosity);
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
@@ -26,15 +28,26 @@ fn init_logging(verbosity: u8) {
         1 => "debug",
         _ => "trace",
     };
-    let filter = EnvFilter::try_from_env("RUST_LOG").unwrap_or_else(|_| EnvFilter::new(level));
+    // Our crate at the chosen level; dependencies (tonic, h2, …) only at warn unless RUST_LOG says otherwise.
+    let default = format!("warn,flannel_agent={level}");
+    let filter = EnvFilter::try_from_env("RUST_LOG").unwrap_or_else(|_| EnvFilter::new(default));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
 }
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Counters(CountersCommand::Attach(arg)) => counters::attach(&arg.iface, &cli.bpf_pin_path),
-        Command::Counters(CountersCommand::Detach(arg)) => counters::detach(&arg.iface, &cli.bpf_pin_path),
-        Command::Counters(CountersCommand::Show { json }) => {
+        None => {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            runtime.block_on(daemon::run(DaemonOptions { args: cli.daemon, bpf_pin_path: cli.bpf_pin_path }))
+        }
+        Some(Command::DockerOpts(args)) => docker_opts::run(&docker_opts_from(args)),
+        Some(Command::Counters(CountersCommand::Attach(arg))) => counters::attach(&arg.iface, &cli.bpf_pin_path),
+        Some(Command::Counters(CountersCommand::Detach(arg))) => counters::detach(&arg.iface, &cli.bpf_pin_path),
+        Some(Command::Counters(CountersCommand::Show { json })) => {
             let rows = counters::read(&cli.bpf_pin_path)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
@@ -50,5 +63,16 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+    }
+}
+
+fn docker_opts_from(args: DockerOptsArgs) -> DockerOpts {
+    DockerOpts {
+        subnet_file: args.subnet_file,
+        docker_file: args.docker_file,
+        individual: args.individual,
+        combined: args.combined,
+        no_ipmasq: args.no_ipmasq,
+        combined_key: args.combined_key,
     }
 }

@@ -7,5 +7,7 @@
 #![no_std]
 
 pub mod counters;
+pub mod leases;
 
 pub use counters::{Direction, IfaceCounterKey, PacketCounter, COUNTERS_MAP};
+pub use leases::{LeaseEntry, LeaseKind, LEASES_MAP};

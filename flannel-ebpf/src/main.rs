@@ -4,6 +4,7 @@
 #![no_main]
 
 mod counters;
+mod leases;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -5,6 +5,7 @@
 
 pub mod agent;
 pub mod bpffs;
+pub mod etcd;
 pub mod names;
 pub mod netns;
 pub mod packet;

@@ -1,0 +1,214 @@
+//! The daemon: wires the command line, etcd, interface selection, the datapath and the
+//! control plane together, writes subnet.env once the datapath is programmed, reports
+//! readiness, and on SIGTERM/SIGINT exits leaving the lease and the datapath in place.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use anyhow::{bail, Context, Result};
+
+use crate::{
+    cli::{DaemonArgs, DatapathKind},
+    config::{Backend, NetworkConfig},
+    control::{self, ControlPlane, Settings},
+    datapath::{ebpf_leases::EbpfLeaseMap, Datapath, LocalNode},
+    etcd::{EtcdOptions, Registry},
+    health::{self, Readiness},
+    iface::{self, IfaceSelection},
+    notify,
+    subnet::{lease::Mac, BackendData, LeaseAttrs, VxlanBackendData},
+    subnet_env::{self, SubnetEnv},
+};
+
+pub struct DaemonOptions {
+    pub args: DaemonArgs,
+    pub bpf_pin_path: PathBuf,
+}
+
+pub async fn run(options: DaemonOptions) -> Result<()> {
+    let args = &options.args;
+    let readiness = Readiness::default();
+    if args.healthz_port != 0 {
+        health::serve(SocketAddr::new(args.healthz_ip, args.healthz_port), readiness.clone()).await?;
+    }
+
+    let registry = connect(args).await?;
+    let config = tokio::select! {
+        config = control::wait_for_config(&registry) => config?,
+        _ = shutdown_signal() => return Ok(()),
+    };
+    check_supported(&config)?;
+    tracing::info!(network = ?config.network, backend = config.backend.type_name(), "network config loaded");
+
+    let external = iface::select(&IfaceSelection {
+        iface: args.iface.clone(),
+        iface_regex: args.iface_regex.clone(),
+        iface_can_reach: args.iface_can_reach,
+    })?;
+    let public_ip = args.public_ip.unwrap_or(external.address);
+    tracing::info!(interface = external.name, address = %external.address, %public_ip, mtu = external.mtu, "external interface selected");
+
+    let vtep_mac = match &config.backend {
+        Backend::Vxlan(v) => Some(derived_vtep_mac(public_ip, v.vni)),
+        _ => None,
+    };
+    let attrs = LeaseAttrs {
+        public_ip,
+        public_ipv6: None,
+        backend_type: config.backend.type_name().to_string(),
+        backend_data: match (&config.backend, vtep_mac) {
+            (Backend::Vxlan(v), Some(mac)) => BackendData::Vxlan(VxlanBackendData { vni: v.vni, vtep_mac: mac }),
+            _ => BackendData::None,
+        },
+    };
+    let network = config.network.context("the network config has no IPv4 Network")?;
+    let local = LocalNode {
+        subnet: network, // replaced by our lease's subnet once acquired
+        network,
+        public_ip,
+        external,
+        backend: config.backend.clone(),
+        vtep_mac,
+    };
+    let settings = Settings {
+        config,
+        attrs,
+        ttl_secs: args.subnet_lease_ttl,
+        renew_margin: Duration::from_secs(u64::from(args.subnet_lease_renew_margin) * 60),
+    };
+    match args.datapath {
+        DatapathKind::Ebpf => {
+            let datapath = EbpfLeaseMap::open(&options.bpf_pin_path)
+                .context("--datapath ebpf: the eBPF datapath cannot be loaded")?;
+            run_with(registry, settings, local, datapath, args, readiness).await
+        }
+        DatapathKind::Auto => match EbpfLeaseMap::open(&options.bpf_pin_path) {
+            Ok(datapath) => {
+                tracing::info!("--datapath auto: using the eBPF datapath");
+                run_with(registry, settings, local, datapath, args, readiness).await
+            }
+            Err(error) => bail!(
+                "--datapath auto: the eBPF datapath cannot be loaded ({error:#}), and this build has no netlink \
+                 datapath to fall back to yet"
+            ),
+        },
+        DatapathKind::Netlink => bail!("--datapath netlink: the netlink datapath is not part of this build yet"),
+    }
+}
+
+async fn run_with<D: Datapath>(
+    registry: Registry,
+    settings: Settings,
+    local: LocalNode,
+    datapath: D,
+    args: &DaemonArgs,
+    readiness: Readiness,
+) -> Result<()> {
+    let previous = subnet_env::read_previous_subnet(&args.subnet_file);
+    let ip_masq = args.ip_masq;
+    let subnet_file = args.subnet_file.clone();
+    let name = datapath.name();
+    let mut plane = tokio::select! {
+        plane = ControlPlane::start(registry, settings, local, previous, datapath) => plane?,
+        _ = shutdown_signal() => return Ok(()),
+    };
+    let env_for = move |plane_local: &LocalNode, mtu: u32| SubnetEnv {
+        network: plane_local.network,
+        subnet: plane_local.subnet,
+        mtu,
+        ipmasq: ip_masq,
+    };
+    let mtu = plane.datapath().pod_mtu(plane.local());
+    let env = env_for(plane.local(), mtu);
+    env.write(&subnet_file).with_context(|| format!("writing subnet file {}", subnet_file.display()))?;
+    tracing::info!(path = %subnet_file.display(), subnet = %env.subnet, mtu, datapath = name, "subnet file written; ready");
+    let file = subnet_file.clone();
+    plane.on_local_changed(Box::new(move |local| env_for(local, mtu).write(&file)));
+    readiness.set_ready();
+    notify::notify_ready()?;
+
+    plane.run(shutdown_signal()).await?;
+    tracing::info!(key = plane.own().key, "shutting down; the lease and the datapath stay in place");
+    Ok(())
+}
+
+async fn connect(args: &DaemonArgs) -> Result<Registry> {
+    let options = EtcdOptions {
+        endpoints: args.etcd_endpoints.clone(),
+        prefix: args.etcd_prefix.clone(),
+        keyfile: args.etcd_keyfile.clone(),
+        certfile: args.etcd_certfile.clone(),
+        cafile: args.etcd_cafile.clone(),
+        username: args.etcd_username.clone(),
+        password: args.etcd_password.clone(),
+    };
+    // Configuration mistakes (unreadable TLS files) fail now; unreachable etcd is retried.
+    let mut delay = Duration::from_millis(200);
+    loop {
+        match Registry::connect(&options).await {
+            Ok(registry) => return Ok(registry),
+            Err(error) if format!("{error:#}").contains("reading etcd") => return Err(error),
+            Err(error) => {
+                tracing::warn!("etcd not reachable yet, retrying in {delay:?}: {error:#}");
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = shutdown_signal() => bail!("interrupted while connecting to etcd"),
+                }
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+/// Refuses configurations this agent cannot serve, with the reason.
+fn check_supported(config: &NetworkConfig) -> Result<()> {
+    if config.enable_ipv6 {
+        bail!("the network config sets EnableIPv6: this agent supports IPv4 networks only");
+    }
+    if !config.enable_ipv4 {
+        bail!("the network config disables IPv4 (EnableIPv4 false): this agent supports IPv4 networks only");
+    }
+    match &config.backend {
+        Backend::Vxlan(_) | Backend::HostGw => Ok(()),
+        other => bail!("backend type {:?} is not supported: use vxlan or host-gw", other.type_name()),
+    }
+}
+
+/// A VTEP MAC that is the same every time this node starts (derived from its public IP and
+/// the VNI), so peers' FDB and neighbour entries stay valid across restarts and reboots —
+/// flanneld picks a random one per device and strands peers until they catch up.
+pub fn derived_vtep_mac(public_ip: std::net::Ipv4Addr, vni: u32) -> Mac {
+    // FNV-1a 64 over the inputs: stable across releases, unlike std's hasher.
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in public_ip.octets().into_iter().chain(vni.to_be_bytes()) {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    let b = hash.to_be_bytes();
+    // Locally administered, unicast.
+    Mac([(b[0] & 0xfc) | 0x02, b[1], b[2], b[3], b[4], b[5]])
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vtep_mac_is_stable_local_unicast_and_distinct() {
+        let a = derived_vtep_mac("192.0.2.1".parse().unwrap(), 1);
+        assert_eq!(a, derived_vtep_mac("192.0.2.1".parse().unwrap(), 1));
+        assert_ne!(a, derived_vtep_mac("192.0.2.2".parse().unwrap(), 1));
+        assert_eq!(a.0[0] & 0x03, 0x02, "locally administered unicast");
+    }
+}
