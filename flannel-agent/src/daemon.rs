@@ -5,6 +5,7 @@
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use anyhow::{bail, Context, Result};
+use tokio::sync::watch;
 
 use crate::{
     cli::{DaemonArgs, DatapathKind},
@@ -25,16 +26,20 @@ pub struct DaemonOptions {
 }
 
 pub async fn run(options: DaemonOptions) -> Result<()> {
+    let shutdown = Shutdown::install()?;
     let args = &options.args;
     let readiness = Readiness::default();
     if args.healthz_port != 0 {
         health::serve(SocketAddr::new(args.healthz_ip, args.healthz_port), readiness.clone()).await?;
     }
 
-    let registry = connect(args).await?;
+    let registry = tokio::select! {
+        registry = connect(args) => registry?,
+        _ = shutdown.signalled() => return Ok(()),
+    };
     let config = tokio::select! {
         config = control::wait_for_config(&registry) => config?,
-        _ = shutdown_signal() => return Ok(()),
+        _ = shutdown.signalled() => return Ok(()),
     };
     check_supported(&config)?;
     tracing::info!(network = ?config.network, backend = config.backend.type_name(), "network config loaded");
@@ -79,12 +84,12 @@ pub async fn run(options: DaemonOptions) -> Result<()> {
         DatapathKind::Ebpf => {
             let datapath = EbpfLeaseMap::open(&options.bpf_pin_path)
                 .context("--datapath ebpf: the eBPF datapath cannot be loaded")?;
-            run_with(registry, settings, local, datapath, args, readiness).await
+            run_with(registry, settings, local, datapath, args, readiness, &shutdown).await
         }
         DatapathKind::Auto => match EbpfLeaseMap::open(&options.bpf_pin_path) {
             Ok(datapath) => {
                 tracing::info!("--datapath auto: using the eBPF datapath");
-                run_with(registry, settings, local, datapath, args, readiness).await
+                run_with(registry, settings, local, datapath, args, readiness, &shutdown).await
             }
             Err(error) => bail!(
                 "--datapath auto: the eBPF datapath cannot be loaded ({error:#}), and this build has no netlink \
@@ -102,6 +107,7 @@ async fn run_with<D: Datapath>(
     datapath: D,
     args: &DaemonArgs,
     readiness: Readiness,
+    shutdown: &Shutdown,
 ) -> Result<()> {
     let previous = subnet_env::read_previous_subnet(&args.subnet_file);
     let ip_masq = args.ip_masq;
@@ -109,7 +115,7 @@ async fn run_with<D: Datapath>(
     let name = datapath.name();
     let mut plane = tokio::select! {
         plane = ControlPlane::start(registry, settings, local, previous, datapath) => plane?,
-        _ = shutdown_signal() => return Ok(()),
+        _ = shutdown.signalled() => return Ok(()),
     };
     let env_for = move |plane_local: &LocalNode, mtu: u32| SubnetEnv {
         network: plane_local.network,
@@ -126,7 +132,7 @@ async fn run_with<D: Datapath>(
     readiness.set_ready();
     notify::notify_ready()?;
 
-    plane.run(shutdown_signal()).await?;
+    plane.run(shutdown.signalled()).await?;
     tracing::info!(key = plane.own().key, "shutting down; the lease and the datapath stay in place");
     Ok(())
 }
@@ -149,10 +155,7 @@ async fn connect(args: &DaemonArgs) -> Result<Registry> {
             Err(error) if format!("{error:#}").contains("reading etcd") => return Err(error),
             Err(error) => {
                 tracing::warn!("etcd not reachable yet, retrying in {delay:?}: {error:#}");
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => {}
-                    _ = shutdown_signal() => bail!("interrupted while connecting to etcd"),
-                }
+                tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(5));
             }
         }
@@ -188,15 +191,32 @@ pub fn derived_vtep_mac(public_ip: std::net::Ipv4Addr, vni: u32) -> Mac {
     Mac([(b[0] & 0xfc) | 0x02, b[1], b[2], b[3], b[4], b[5]])
 }
 
-/// Resolves on SIGTERM or SIGINT.
-pub async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = int.recv() => tracing::info!("SIGINT received"),
+/// SIGTERM/SIGINT, registered once when the daemon starts: a signal that arrives between
+/// two phases (say, right after READY=1 and before the watch loop starts) is not lost, as it
+/// would be with a listener created per phase.
+#[derive(Clone)]
+pub struct Shutdown(watch::Receiver<bool>);
+
+impl Shutdown {
+    pub fn install() -> Result<Shutdown> {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+        let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+        let (tx, rx) = watch::channel(false);
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM received"),
+                _ = int.recv() => tracing::info!("SIGINT received"),
+            }
+            let _ = tx.send(true);
+        });
+        Ok(Shutdown(rx))
+    }
+
+    /// Resolves once a signal has arrived (immediately if one already has).
+    pub async fn signalled(&self) {
+        let mut rx = self.0.clone();
+        let _ = rx.wait_for(|signalled| *signalled).await;
     }
 }
 

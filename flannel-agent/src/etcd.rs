@@ -94,7 +94,11 @@ impl Registry {
             .with_keep_alive(Duration::from_secs(5), Duration::from_secs(5))
             .with_keep_alive_while_idle(true)
             // As flannel's watch: a member cut off from the leader must not serve stale data.
-            .with_require_leader(true);
+            .with_require_leader(true)
+            // etcd forgets an auth token that has not been used for --auth-token-ttl (5 min by
+            // default): authenticate again when a call is refused for it, instead of failing
+            // every call from then on. (No-op without a username.)
+            .with_auto_token_refresh(true);
         if let Some(tls) = tls_options(options)? {
             connect = connect.with_tls(tls);
         }
@@ -276,7 +280,9 @@ impl Registry {
         Ok(response.map(|r| r.ttl()).filter(|ttl| *ttl > 0))
     }
 
-    /// Watches every lease key from `revision` (inclusive).
+    /// Watches every lease key from `revision` (inclusive). Returns once etcd has confirmed
+    /// the watch (that first, empty, response is consumed here); a watch etcd refuses is an
+    /// error, so the caller retries with backoff rather than at once.
     pub async fn watch_leases(&self, revision: i64) -> Result<WatchStream> {
         let prefix = self.subnets_prefix();
         let options = WatchOptions::new().with_prefix().with_start_revision(revision);
@@ -285,7 +291,28 @@ impl Registry {
             |mut c| {
                 let options = options.clone();
                 let prefix = prefix.clone();
-                async move { c.watch(prefix.as_str(), Some(options)).await }
+                async move {
+                    let mut refreshed = false;
+                    loop {
+                        let mut stream = c.watch(prefix.as_str(), Some(options.clone())).await?;
+                        let refusal = match stream.message().await? {
+                            Some(first) if first.created() && !first.canceled() => return Ok(stream),
+                            Some(first) if first.canceled() => first.cancel_reason().to_string(),
+                            Some(first) => format!("unexpected first response {first:?}"),
+                            None => "stream closed".to_string(),
+                        };
+                        // An expired auth token refuses a watch by canceling it, not with the
+                        // Unauthenticated status the client's automatic refresh reacts to.
+                        if !refreshed && refusal.contains("invalid auth token") {
+                            refreshed = true;
+                            c.refresh_token().await?;
+                            continue;
+                        }
+                        return Err(etcd_client::Error::WatchError(format!(
+                            "etcd did not create the watch: {refusal}"
+                        )));
+                    }
+                }
             },
         )
         .await

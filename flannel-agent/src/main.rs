@@ -31,7 +31,9 @@ fn init_logging(verbosity: u8) {
     // Our crate at the chosen level; dependencies (tonic, h2, …) only at warn unless RUST_LOG says otherwise.
     let default = format!("warn,flannel_agent={level}");
     let filter = EnvFilter::try_from_env("RUST_LOG").unwrap_or_else(|_| EnvFilter::new(default));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    // Colour only on a terminal: journald and log files get plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).init();
 }
 
 fn run(cli: Cli) -> Result<()> {

@@ -6,6 +6,14 @@
 //! A member runs either in the caller's network namespace on 127.0.0.1 or, for the lab, inside
 //! a node namespace on an address that namespace owns ([`EtcdServer::start_in`]): node
 //! namespaces cannot reach the host's loopback.
+//!
+//! Security, for the agent's `--etcd-*` TLS and auth flags: [`EtcdServer::start_tls`] serves
+//! https client URLs that require a client certificate ([`EtcdTls`], generated at test time by
+//! [`EtcdTls::generate`]); [`EtcdServer::enable_auth`] turns on username/password auth. The
+//! member's own [`EtcdServer::etcdctl`] (and its health checks) then present the client
+//! certificate and/or the root credentials; other etcdctl values take them with
+//! [`Etcdctl::with_tls`] and [`Etcdctl::with_user`]. [`EtcdServer::start_with`] also takes extra
+//! etcd flags ([`MemberOptions`]).
 
 use std::{
     collections::hash_map::RandomState,
@@ -23,7 +31,11 @@ use std::{
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::Value;
 
-use crate::{names::unique, NetNs};
+use crate::{
+    names::unique,
+    pki::{CertKey, TestCa},
+    NetNs,
+};
 
 /// How long a start or restart may take until every member answers a health check.
 const HEALTH_DEADLINE: Duration = Duration::from_secs(20);
@@ -135,12 +147,57 @@ fn clean_command(program: &str, env_prefix: &str) -> Command {
     command
 }
 
+/// What etcdctl presents to a TLS member (`--cacert`, `--cert`, `--key`).
+#[derive(Debug, Clone)]
+pub struct ClientTls {
+    /// The CA the member's certificate must chain to.
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// TLS on a member's client URLs ([`EtcdServer::start_tls`]): https with `server` as
+/// `--cert-file`/`--key-file`, and `--client-cert-auth --trusted-ca-file=<client.ca>`, so every
+/// client must present a certificate signed by that one CA. `client` is such a certificate,
+/// used by the member's own etcdctl (health checks, [`EtcdServer::etcdctl`]). Peer URLs stay
+/// plain http. The files must outlive the server (it reads them again on restart).
+#[derive(Debug, Clone)]
+pub struct EtcdTls {
+    pub server: CertKey,
+    pub client: ClientTls,
+}
+
+impl EtcdTls {
+    /// A throwaway CA (`etcd-ca`), a server certificate for 127.0.0.1 (`etcd-server`) and a
+    /// client certificate (`etcd-client`), all written into `dir` (see [`crate::pki`]).
+    pub fn generate(dir: &Path) -> Result<EtcdTls> {
+        let ca = TestCa::create(dir, "etcd-ca")?;
+        let server = ca.issue_server("etcd-server", Ipv4Addr::LOCALHOST)?;
+        let client = ca.issue_client("etcd-client")?;
+        Ok(EtcdTls { server, client: ClientTls { ca: ca.cert().to_path_buf(), cert: client.cert, key: client.key } })
+    }
+}
+
+/// Settings for a single member started by [`EtcdServer::start_with`]; the default is what
+/// [`EtcdServer::start`] runs.
+#[derive(Debug, Clone, Default)]
+pub struct MemberOptions {
+    /// Serve https client URLs that require a client certificate.
+    pub tls: Option<EtcdTls>,
+    /// More etcd flags, after the harness's own (e.g. `--auth-token-ttl=1`); kept for restarts.
+    pub extra_args: Vec<String>,
+}
+
 /// One etcd member process with its own temp data dir; killed and its data removed on Drop.
 #[derive(Debug)]
 pub struct EtcdServer {
     name: String,
     place: Place,
     client_url: String,
+    /// The client side of [`EtcdTls`] when the member serves https.
+    client_tls: Option<ClientTls>,
+    /// Root credentials once [`EtcdServer::enable_auth`] has turned auth on.
+    user: Option<(String, String)>,
     client_addr: SocketAddr,
     peer_addr: SocketAddr,
     /// Full etcd command line (without the program), reused verbatim by [`EtcdServer::restart`].
@@ -161,7 +218,18 @@ impl EtcdServer {
     /// Single-member cluster listening on 127.0.0.1 with free ports; returns once it answers
     /// (bounded wait, clear error with etcd's log tail on failure).
     pub fn start() -> Result<EtcdServer> {
-        let mut members = launch(&Place::Host, Ipv4Addr::LOCALHOST, 1)?;
+        EtcdServer::start_with(&MemberOptions::default())
+    }
+
+    /// Same, with https client URLs that require a client certificate (see [`EtcdTls`]).
+    /// Its [`EtcdServer::etcdctl`] presents `tls.client`.
+    pub fn start_tls(tls: &EtcdTls) -> Result<EtcdServer> {
+        EtcdServer::start_with(&MemberOptions { tls: Some(tls.clone()), ..MemberOptions::default() })
+    }
+
+    /// Same, with TLS and/or extra etcd flags.
+    pub fn start_with(options: &MemberOptions) -> Result<EtcdServer> {
+        let mut members = launch(&Place::Host, Ipv4Addr::LOCALHOST, 1, options)?;
         Ok(members.pop().expect("one member"))
     }
 
@@ -170,11 +238,11 @@ impl EtcdServer {
     /// Use [`EtcdServer::etcdctl`] (or [`Etcdctl::in_netns`]) to talk to it: the host cannot
     /// reach it.
     pub fn start_in(netns: &NetNs, ip: Ipv4Addr) -> Result<EtcdServer> {
-        let mut members = launch(&Place::of(netns), ip, 1)?;
+        let mut members = launch(&Place::of(netns), ip, 1, &MemberOptions::default())?;
         Ok(members.pop().expect("one member"))
     }
 
-    /// e.g. `http://127.0.0.1:23791`.
+    /// e.g. `http://127.0.0.1:23791` (`https://…` for [`EtcdServer::start_tls`]).
     pub fn client_url(&self) -> String {
         self.client_url.clone()
     }
@@ -194,9 +262,26 @@ impl EtcdServer {
         tail(&self.log_path(), lines)
     }
 
-    /// An etcdctl for this member alone, running where the member runs (its namespace, if any).
+    /// An etcdctl for this member alone, running where the member runs (its namespace, if any),
+    /// with the member's client certificate and root credentials when it has them.
     pub fn etcdctl(&self) -> Etcdctl {
-        Etcdctl { endpoints: self.client_url.clone(), place: self.place.clone() }
+        Etcdctl {
+            endpoints: self.client_url.clone(),
+            place: self.place.clone(),
+            tls: self.client_tls.clone(),
+            user: self.user.clone(),
+        }
+    }
+
+    /// Turns on username/password auth: adds user `root` (etcd's superuser) with
+    /// `root_password` and runs `etcdctl auth enable`. From then on every client must
+    /// authenticate; this member's [`EtcdServer::etcdctl`] and health checks use root.
+    pub fn enable_auth(&mut self, root_password: &str) -> Result<()> {
+        let ctl = self.etcdctl();
+        ctl.run(&["user", "add", &format!("root:{root_password}")])?;
+        ctl.run(&["auth", "enable"])?;
+        self.user = Some(("root".to_owned(), root_password.to_owned()));
+        Ok(())
     }
 
     /// SIGKILL the process (data kept); no-op if already stopped.
@@ -232,8 +317,17 @@ impl EtcdServer {
         }
     }
 
-    fn new(place: &Place, plan: &MemberPlan, initial_cluster: &str, token: &str, single: bool) -> Result<EtcdServer> {
-        let client_url = format!("http://{}", plan.client);
+    fn new(
+        place: &Place,
+        plan: &MemberPlan,
+        initial_cluster: &str,
+        token: &str,
+        single: bool,
+        options: &MemberOptions,
+    ) -> Result<EtcdServer> {
+        let tls = options.tls.as_ref();
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let client_url = format!("{scheme}://{}", plan.client);
         let peer_url = format!("http://{}", plan.peer);
         // Fast elections. A single member has no peer to miss heartbeats from, so it can use
         // a tiny election timeout (it matters on restart: ~1-2 election timeouts until it
@@ -242,7 +336,7 @@ impl EtcdServer {
         let (heartbeat_ms, election_ms) = if single { (10, 100) } else { (50, 500) };
         let dir = tempfile::Builder::new().prefix("flannel-etcd-").tempdir().context("creating etcd temp dir")?;
         let data_dir = dir.path().join("data");
-        let args = vec![
+        let mut args = vec![
             format!("--name={}", plan.name),
             format!("--data-dir={}", data_dir.display()),
             format!("--listen-client-urls={client_url}"),
@@ -255,10 +349,21 @@ impl EtcdServer {
             format!("--heartbeat-interval={heartbeat_ms}"),
             format!("--election-timeout={election_ms}"),
         ];
+        if let Some(tls) = tls {
+            args.extend([
+                format!("--cert-file={}", tls.server.cert.display()),
+                format!("--key-file={}", tls.server.key.display()),
+                "--client-cert-auth".to_owned(),
+                format!("--trusted-ca-file={}", tls.client.ca.display()),
+            ]);
+        }
+        args.extend(options.extra_args.iter().cloned());
         let mut server = EtcdServer {
             name: plan.name.clone(),
             place: place.clone(),
             client_url,
+            client_tls: tls.map(|tls| tls.client.clone()),
+            user: None,
             client_addr: plan.client.into(),
             peer_addr: plan.peer.into(),
             args,
@@ -291,8 +396,8 @@ impl EtcdServer {
         if !self.place.accepts(self.client_addr) {
             return false;
         }
-        let ctl = Etcdctl { endpoints: self.client_url.clone(), place: self.place.clone() };
-        ctl.output_with(&["--dial-timeout=500ms", "--command-timeout=1s", "endpoint", "health"], ETCDCTL_DEADLINE)
+        self.etcdctl()
+            .output_with(&["--dial-timeout=500ms", "--command-timeout=1s", "endpoint", "health"], ETCDCTL_DEADLINE)
             .map(|output| output.status.success())
             .unwrap_or(false)
     }
@@ -342,7 +447,7 @@ impl EtcdCluster {
         if members == 0 {
             bail!("an etcd cluster needs at least one member");
         }
-        Ok(EtcdCluster { members: launch(&Place::Host, Ipv4Addr::LOCALHOST, members)? })
+        Ok(EtcdCluster { members: launch(&Place::Host, Ipv4Addr::LOCALHOST, members, &MemberOptions::default())? })
     }
 
     /// Client URLs of all members (running or not), in member order.
@@ -406,9 +511,9 @@ impl EtcdCluster {
     }
 }
 
-/// Spawns a fresh `count`-member cluster at `place` on `ip` and waits for it, retrying with new
-/// ports when a member lost a port race.
-fn launch(place: &Place, ip: Ipv4Addr, count: usize) -> Result<Vec<EtcdServer>> {
+/// Spawns a fresh `count`-member cluster at `place` on `ip`, every member with `options`, and
+/// waits for it, retrying with new ports when a member lost a port race.
+fn launch(place: &Place, ip: Ipv4Addr, count: usize, options: &MemberOptions) -> Result<Vec<EtcdServer>> {
     let mut attempt = 0;
     loop {
         attempt += 1;
@@ -428,7 +533,7 @@ fn launch(place: &Place, ip: Ipv4Addr, count: usize) -> Result<Vec<EtcdServer>> 
         let mut members = Vec::with_capacity(count);
         let mut started = Ok(());
         for (index, plan) in plans.iter().enumerate() {
-            members.push(EtcdServer::new(place, plan, &initial_cluster, &token, count == 1)?);
+            members.push(EtcdServer::new(place, plan, &initial_cluster, &token, count == 1, options)?);
             // A new member first asks the other members' peer URLs whether it was bootstrapped
             // already, waiting up to 1 s on a peer that has bound its port but does not serve
             // yet (etcd 3.4 binds early and serves only after its own such check), which can
@@ -549,18 +654,34 @@ pub struct Etcdctl {
     /// Comma-separated, as `--endpoints` takes them.
     endpoints: String,
     place: Place,
+    /// `--cacert`, `--cert`, `--key`.
+    tls: Option<ClientTls>,
+    /// `--user=<name>:<password>`.
+    user: Option<(String, String)>,
 }
 
 impl Etcdctl {
     /// etcdctl run in the caller's network namespace.
     pub fn new(endpoints: &[String]) -> Etcdctl {
-        Etcdctl { endpoints: endpoints.join(","), place: Place::Host }
+        Etcdctl { endpoints: endpoints.join(","), place: Place::Host, tls: None, user: None }
     }
 
     /// etcdctl run inside `netns` (for a server from [`EtcdServer::start_in`]). The namespace
     /// is looked up by path at each call, so it must outlive the calls, not this value.
     pub fn in_netns(endpoints: &[String], netns: &NetNs) -> Etcdctl {
-        Etcdctl { endpoints: endpoints.join(","), place: Place::of(netns) }
+        Etcdctl { endpoints: endpoints.join(","), place: Place::of(netns), tls: None, user: None }
+    }
+
+    /// Presents `tls` to https endpoints (`--cacert --cert --key`).
+    pub fn with_tls(mut self, tls: ClientTls) -> Etcdctl {
+        self.tls = Some(tls);
+        self
+    }
+
+    /// Authenticates as `user` with `password` (`--user`), for a store with auth enabled.
+    pub fn with_user(mut self, user: &str, password: &str) -> Etcdctl {
+        self.user = Some((user.to_owned(), password.to_owned()));
+        self
     }
 
     /// The comma-separated endpoint list passed to `--endpoints`.
@@ -660,7 +781,14 @@ impl Etcdctl {
 
     fn output_with(&self, args: &[&str], deadline: Duration) -> Result<Output> {
         let mut command = clean_command("etcdctl", "ETCDCTL_");
-        command.env("ETCDCTL_API", "3").arg(format!("--endpoints={}", self.endpoints)).args(args);
+        command.env("ETCDCTL_API", "3").arg(format!("--endpoints={}", self.endpoints));
+        if let Some(tls) = &self.tls {
+            command.arg("--cacert").arg(&tls.ca).arg("--cert").arg(&tls.cert).arg("--key").arg(&tls.key);
+        }
+        if let Some((user, password)) = &self.user {
+            command.arg(format!("--user={user}:{password}"));
+        }
+        command.args(args);
         run_bounded(&self.place, &mut command, deadline)
     }
 }

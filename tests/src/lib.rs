@@ -4,11 +4,13 @@
 //! `cargo xtask demo`.
 
 pub mod agent;
+pub mod agent_node;
 pub mod bpffs;
 pub mod etcd;
 pub mod names;
 pub mod netns;
 pub mod packet;
+pub mod pki;
 
 pub use bpffs::PrivateBpffs;
 pub use netns::{veth_pair, NetNs};

@@ -68,6 +68,24 @@ impl NetNs {
         command
     }
 
+    /// Runs `f` on a new thread that has entered this namespace (setns affects only the
+    /// calling thread), for sockets opened from test code inside the namespace.
+    pub fn run_in<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T> {
+        let fd = self.handle.as_raw_fd();
+        std::thread::scope(|scope| {
+            scope
+                .spawn(move || {
+                    // SAFETY: fd is an open netns handle owned by self, which outlives the scope.
+                    if unsafe { libc::setns(fd, libc::CLONE_NEWNET) } != 0 {
+                        return Err(std::io::Error::last_os_error()).context("entering the namespace");
+                    }
+                    Ok(f())
+                })
+                .join()
+                .map_err(|_| anyhow::anyhow!("thread inside namespace panicked"))?
+        })
+    }
+
     /// Runs `ip <args>` in this namespace and fails with its stderr on error.
     pub fn ip(&self, args: &[&str]) -> Result<Output> {
         run(Command::new("ip").arg("-n").arg(&self.name).args(args))

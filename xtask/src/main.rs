@@ -1,5 +1,6 @@
 //! `cargo xtask <command>`: the project's developer commands.
 
+mod bench;
 mod demo;
 mod test;
 
@@ -26,6 +27,9 @@ enum Command {
     Test,
     /// Run the product on a local lab and show it working.
     Demo,
+    /// Benchmarks (root): prints markdown tables for BENCHMARKS.md.
+    #[command(subcommand)]
+    Bench(bench::Suite),
 }
 
 fn main() -> Result<()> {
@@ -37,6 +41,7 @@ fn main() -> Result<()> {
         }
         Command::Test => test::run(),
         Command::Demo => demo::run(),
+        Command::Bench(suite) => bench::run(suite),
     }
 }
 

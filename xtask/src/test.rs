@@ -24,6 +24,7 @@ pub const TEST_PACKAGES: &[&str] = &[
     "nftables",
     "iperf3",
     "containernetworking-plugins",
+    "openssl",
 ];
 
 pub fn run() -> Result<()> {

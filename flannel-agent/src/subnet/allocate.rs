@@ -53,29 +53,52 @@ pub fn plan(
     if let Some(subnet) = reuse {
         return Plan::Reuse(subnet);
     }
-    let is_free =
-        |candidate: Ipv4Net| !taken.iter().any(|t| !stale_own.contains(&t.subnet) && overlaps(t.subnet, candidate));
+    let occupied = Occupied::new(taken.iter().map(|t| t.subnet).filter(|s| !stale_own.contains(s)));
     if let Some(previous) = previous {
-        if config.contains_subnet(previous) && is_free(previous) {
+        if config.contains_subnet(previous) && occupied.is_free(previous) {
             return Plan::Create { subnet: previous, from_subnet_env: true };
         }
     }
-    let mut total = 0;
     let mut free = Vec::with_capacity(FREE_CANDIDATES);
     for candidate in config.ipv4_subnets() {
-        total += 1;
-        if free.len() < FREE_CANDIDATES && is_free(candidate) {
+        if occupied.is_free(candidate) {
             free.push(candidate);
+            if free.len() == FREE_CANDIDATES {
+                break;
+            }
         }
     }
     if free.is_empty() {
-        return Plan::OutOfSubnets { total };
+        return Plan::OutOfSubnets { total: config.ipv4_subnets().count() };
     }
     Plan::Create { subnet: free[rng.random_range(0..free.len())], from_subnet_env: false }
 }
 
-fn overlaps(a: Ipv4Net, b: Ipv4Net) -> bool {
-    a.contains(&b.network()) || b.contains(&a.network())
+/// The address ranges taken by existing keys, sorted and merged, so that checking a
+/// candidate costs a binary search (10,000 leases × 65,536 candidates would otherwise be
+/// hundreds of millions of comparisons).
+struct Occupied(Vec<(u32, u32)>);
+
+impl Occupied {
+    fn new(subnets: impl Iterator<Item = Ipv4Net>) -> Occupied {
+        let mut ranges: Vec<(u32, u32)> = subnets.map(|s| (u32::from(s.network()), u32::from(s.broadcast()))).collect();
+        ranges.sort_unstable();
+        let mut merged: Vec<(u32, u32)> = Vec::with_capacity(ranges.len());
+        for (start, end) in ranges {
+            match merged.last_mut() {
+                Some(last) if start <= last.1.saturating_add(1) => last.1 = last.1.max(end),
+                _ => merged.push((start, end)),
+            }
+        }
+        Occupied(merged)
+    }
+
+    fn is_free(&self, candidate: Ipv4Net) -> bool {
+        let (start, end) = (u32::from(candidate.network()), u32::from(candidate.broadcast()));
+        // Only the last range starting at or before `end` can overlap the candidate.
+        let i = self.0.partition_point(|r| r.0 <= end);
+        i == 0 || self.0[i - 1].1 < start
+    }
 }
 
 #[cfg(test)]
@@ -145,6 +168,24 @@ mod tests {
             assert!(base >= u32::from(first) && base <= last_candidate, "{subnet} outside the first 100 free");
             assert_eq!(subnet.prefix_len(), 24);
         }
+    }
+
+    #[test]
+    fn occupied_ranges_detect_any_overlap() {
+        let o = Occupied::new(["10.0.1.0/24", "10.0.2.0/24", "10.0.8.0/21", "10.1.0.0/16"].iter().map(|s| net(s)));
+        for (candidate, free) in [
+            ("10.0.0.0/24", true),
+            ("10.0.1.0/24", false),
+            ("10.0.3.0/24", true),
+            ("10.0.9.0/24", false),
+            ("10.0.0.0/16", false),
+            ("10.0.16.0/24", true),
+            ("10.1.255.0/24", false),
+            ("10.2.0.0/24", true),
+        ] {
+            assert_eq!(o.is_free(net(candidate)), free, "{candidate}");
+        }
+        assert!(Occupied::new(std::iter::empty()).is_free(net("10.0.0.0/24")));
     }
 
     #[test]

@@ -130,6 +130,22 @@ pub async fn start_plane(
     endpoints: &[String],
     spec: &NodeSpec,
 ) -> Result<(ControlPlane<RecordingDatapath>, RecordingDatapath)> {
+    start_plane_on(registry(endpoints).await, spec).await
+}
+
+/// [`start_plane`] with full etcd options (TLS, credentials; `prefix` should be [`PREFIX`]):
+/// a failure to connect is returned, not a panic.
+pub async fn start_plane_with(
+    options: &EtcdOptions,
+    spec: &NodeSpec,
+) -> Result<(ControlPlane<RecordingDatapath>, RecordingDatapath)> {
+    start_plane_on(Registry::connect(options).await?, spec).await
+}
+
+async fn start_plane_on(
+    registry: Registry,
+    spec: &NodeSpec,
+) -> Result<(ControlPlane<RecordingDatapath>, RecordingDatapath)> {
     let config = config::parse(&spec.config).map_err(|e| anyhow::anyhow!("{e}"))?;
     let network = config.network.unwrap();
     let local = LocalNode {
@@ -147,8 +163,7 @@ pub async fn start_plane(
         renew_margin: spec.renew_margin,
     };
     let datapath = RecordingDatapath::default();
-    let plane =
-        ControlPlane::start(registry(endpoints).await, settings, local, spec.previous, datapath.clone()).await?;
+    let plane = ControlPlane::start(registry, settings, local, spec.previous, datapath.clone()).await?;
     Ok((plane, datapath))
 }
 

@@ -1,0 +1,47 @@
+//! `cargo xtask bench <suite>`: benchmarks, built in release mode, run as root on the lab;
+//! each prints a markdown table to paste into BENCHMARKS.md.
+
+use anyhow::Result;
+use clap::{Args, Subcommand};
+use flannel_ebpf_builder::prerequisites::{ensure_debian_packages, Prerequisites, Provision, HOST_BUILD_PACKAGES};
+use flannel_tests::require_root;
+
+use crate::{cargo, run_step, test::TEST_PACKAGES};
+
+#[derive(Subcommand)]
+pub enum Suite {
+    /// etcd → datapath: learning N pre-existing leases, one change's latency, agent peak RSS.
+    ControlPlane(BenchArgs),
+}
+
+#[derive(Args)]
+pub struct BenchArgs {
+    /// A short run (1,000 leases, one round).
+    #[arg(long)]
+    quick: bool,
+    /// Number of pre-existing leases (default 10,000; 1,000 with --quick).
+    #[arg(long)]
+    leases: Option<usize>,
+}
+
+pub fn run(suite: Suite) -> Result<()> {
+    require_root()?;
+    ensure_debian_packages(HOST_BUILD_PACKAGES, Provision::Install)?;
+    ensure_debian_packages(TEST_PACKAGES, Provision::Install)?;
+    Prerequisites::ensure(Provision::Install)?;
+    // The benchmark drives the release agent binary, found next to the bench executable.
+    run_step("build agent (release)", cargo().args(["build", "--release", "--package", "flannel-agent", "--bins"]))?;
+    match suite {
+        Suite::ControlPlane(args) => {
+            let mut command = cargo();
+            command.args(["bench", "--package", "flannel-tests", "--bench", "control_plane", "--"]);
+            if args.quick {
+                command.arg("--quick");
+            }
+            if let Some(n) = args.leases {
+                command.args(["--leases", &n.to_string()]);
+            }
+            run_step("control-plane benchmark", &mut command)
+        }
+    }
+}
