@@ -113,6 +113,16 @@ pub struct DaemonArgs {
           default_value_t = false, default_missing_value = "true")]
     pub ip_masq: bool,
 
+    /// Seconds between checks that the masquerade/forward rules are still in place (re-added
+    /// when missing).
+    #[arg(long, env = "FLANNELD_IPTABLES_RESYNC", default_value_t = 5)]
+    pub iptables_resync: u64,
+
+    /// Add FLANNEL-FWD rules accepting forwarded traffic to and from the cluster network.
+    #[arg(long, env = "FLANNELD_IPTABLES_FORWARD_RULES", action = bool_flag!(), num_args = 0..=1,
+          default_value_t = true, default_missing_value = "true")]
+    pub iptables_forward_rules: bool,
+
     /// Address the health endpoints listen on.
     #[arg(long, env = "FLANNELD_HEALTHZ_IP", default_value = "0.0.0.0")]
     pub healthz_ip: std::net::IpAddr,

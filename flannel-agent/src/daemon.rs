@@ -11,10 +11,11 @@ use crate::{
     cli::{DaemonArgs, DatapathKind},
     config::{Backend, NetworkConfig},
     control::{self, ControlPlane, Settings},
-    datapath::{ebpf_leases::EbpfLeaseMap, Datapath, LocalNode},
+    datapath::{ebpf_leases::EbpfLeaseMap, netlink::NetlinkDatapath, Datapath, LocalNode},
     etcd::{EtcdOptions, Registry},
     health::{self, Readiness},
     iface::{self, IfaceSelection},
+    masq::{Backend as MasqBackend, MasqConfig, TrafficRules},
     notify,
     subnet::{lease::Mac, BackendData, LeaseAttrs, VxlanBackendData},
     subnet_env::{self, SubnetEnv},
@@ -74,41 +75,57 @@ pub async fn run(options: DaemonOptions) -> Result<()> {
         backend: config.backend.clone(),
         vtep_mac,
     };
+    let masq = MasqConfig {
+        network,
+        subnet: network, // replaced by our lease's subnet
+        ip_masq: args.ip_masq,
+        forward_rules: args.iptables_forward_rules,
+        backend: if config.enable_nftables { MasqBackend::Nftables } else { MasqBackend::Iptables },
+    };
     let settings = Settings {
         config,
         attrs,
         ttl_secs: args.subnet_lease_ttl,
         renew_margin: Duration::from_secs(u64::from(args.subnet_lease_renew_margin) * 60),
     };
+    let node = Node { registry, settings, local, masq, readiness };
     match args.datapath {
         DatapathKind::Ebpf => {
             let datapath = EbpfLeaseMap::open(&options.bpf_pin_path)
                 .context("--datapath ebpf: the eBPF datapath cannot be loaded")?;
-            run_with(registry, settings, local, datapath, args, readiness, &shutdown).await
+            tracing::warn!(
+                "--datapath ebpf: this build keeps the eBPF lease map in step with etcd but has no eBPF forwarding \
+                 programs yet; pod traffic is not forwarded in this mode"
+            );
+            run_with(node, datapath, args, &shutdown).await
         }
-        DatapathKind::Auto => match EbpfLeaseMap::open(&options.bpf_pin_path) {
-            Ok(datapath) => {
-                tracing::info!("--datapath auto: using the eBPF datapath");
-                run_with(registry, settings, local, datapath, args, readiness, &shutdown).await
-            }
-            Err(error) => bail!(
-                "--datapath auto: the eBPF datapath cannot be loaded ({error:#}), and this build has no netlink \
-                 datapath to fall back to yet"
-            ),
-        },
-        DatapathKind::Netlink => bail!("--datapath netlink: the netlink datapath is not part of this build yet"),
+        DatapathKind::Auto => {
+            tracing::info!(
+                "--datapath auto: using the netlink (flannel-classic) datapath: this build has no eBPF forwarding \
+                 programs yet"
+            );
+            let datapath = NetlinkDatapath::new()?;
+            run_with(node, datapath, args, &shutdown).await
+        }
+        DatapathKind::Netlink => {
+            tracing::info!("--datapath netlink: programming the classic flannel datapath (vxlan device, routes, FDB)");
+            let datapath = NetlinkDatapath::new()?;
+            run_with(node, datapath, args, &shutdown).await
+        }
     }
 }
 
-async fn run_with<D: Datapath>(
+/// Everything known about this node before its lease is acquired.
+struct Node {
     registry: Registry,
     settings: Settings,
     local: LocalNode,
-    datapath: D,
-    args: &DaemonArgs,
+    masq: MasqConfig,
     readiness: Readiness,
-    shutdown: &Shutdown,
-) -> Result<()> {
+}
+
+async fn run_with<D: Datapath>(node: Node, datapath: D, args: &DaemonArgs, shutdown: &Shutdown) -> Result<()> {
+    let Node { registry, settings, local, masq, readiness } = node;
     let previous = subnet_env::read_previous_subnet(&args.subnet_file);
     let ip_masq = args.ip_masq;
     let subnet_file = args.subnet_file.clone();
@@ -123,12 +140,24 @@ async fn run_with<D: Datapath>(
         mtu,
         ipmasq: ip_masq,
     };
+    // Masquerade and forward rules for our subnet, in place before we report ready, then
+    // re-checked every --iptables-resync seconds.
+    let mut rules = TrafficRules::new(MasqConfig { subnet: plane.local().subnet, ..masq });
+    {
+        let mut rules = rules.clone();
+        tokio::task::spawn_blocking(move || rules.ensure()).await?.context("installing masquerade/forward rules")?;
+    }
+    tokio::spawn(rules.clone().resync_loop(Duration::from_secs(args.iptables_resync.max(1))));
+
     let mtu = plane.datapath().pod_mtu(plane.local());
     let env = env_for(plane.local(), mtu);
     env.write(&subnet_file).with_context(|| format!("writing subnet file {}", subnet_file.display()))?;
     tracing::info!(path = %subnet_file.display(), subnet = %env.subnet, mtu, datapath = name, "subnet file written; ready");
     let file = subnet_file.clone();
-    plane.on_local_changed(Box::new(move |local| env_for(local, mtu).write(&file)));
+    plane.on_local_changed(Box::new(move |local| {
+        rules.set_subnet(local.subnet)?;
+        env_for(local, mtu).write(&file)
+    }));
     readiness.set_ready();
     notify::notify_ready()?;
 

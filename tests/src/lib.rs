@@ -7,10 +7,12 @@ pub mod agent;
 pub mod agent_node;
 pub mod bpffs;
 pub mod etcd;
+pub mod lab;
 pub mod names;
 pub mod netns;
 pub mod packet;
 pub mod pki;
+pub mod traffic;
 
 pub use bpffs::PrivateBpffs;
 pub use netns::{veth_pair, NetNs};

@@ -15,7 +15,6 @@ use flannel_tests::{
 };
 use tempfile::TempDir;
 
-const NET: &str = "10.244.0.0/16";
 const PASSWORD: &str = "s3cret-root";
 /// Bound on a connect attempt that must fail: longer than the registry's own 5 s call timeout.
 const FAIL_WITHIN: Duration = Duration::from_secs(20);
@@ -76,8 +75,7 @@ async fn tls_with_client_certs_acquires_a_lease_and_watches_peers() {
     let (_etcd, ctl, options) = tls_etcd(dir.path());
     ctl.put(&subnet_key("10.244.9.0/24"), &peer_value(node_ip(9))).unwrap();
 
-    let (plane, datapath) =
-        start_plane_with(&options, &NodeSpec::new(node_ip(1), &config_json(NET, ""))).await.unwrap();
+    let (plane, datapath) = start_plane_with(&options, &NodeSpec::new(node_ip(1), &agent_config())).await.unwrap();
     let own = plane.own().clone();
     assert_eq!(ctl.get(&own.key).unwrap().unwrap(), peer_value(node_ip(1)), "lease written over TLS");
     assert!(ctl.key_lease(&own.key).unwrap().is_some(), "with an etcd lease");
@@ -133,8 +131,7 @@ async fn username_password_auth_acquires_a_lease() {
     assert!(anonymous.put("/anonymous", "x").is_err(), "auth is enabled");
     ctl.put(&subnet_key("10.244.9.0/24"), &peer_value(node_ip(9))).unwrap();
 
-    let (plane, datapath) =
-        start_plane_with(&options, &NodeSpec::new(node_ip(1), &config_json(NET, ""))).await.unwrap();
+    let (plane, datapath) = start_plane_with(&options, &NodeSpec::new(node_ip(1), &agent_config())).await.unwrap();
     let own = plane.own().clone();
     assert_eq!(ctl.get(&own.key).unwrap().unwrap(), peer_value(node_ip(1)));
     assert!(ctl.key_lease(&own.key).unwrap().is_some(), "with an etcd lease");
@@ -147,14 +144,12 @@ async fn username_password_auth_acquires_a_lease() {
 
     // Without credentials the agent cannot read the config (etcd's status call needs none).
     let anonymous = EtcdOptions { username: None, password: None, ..options.clone() };
-    let error = tokio::time::timeout(
-        FAIL_WITHIN,
-        start_plane_with(&anonymous, &NodeSpec::new(node_ip(2), &config_json(NET, ""))),
-    )
-    .await
-    .expect("does not hang")
-    .err()
-    .expect("refused without credentials");
+    let error =
+        tokio::time::timeout(FAIL_WITHIN, start_plane_with(&anonymous, &NodeSpec::new(node_ip(2), &agent_config())))
+            .await
+            .expect("does not hang")
+            .err()
+            .expect("refused without credentials");
     assert!(format!("{error:#}").contains("user name is empty"), "{error:#}");
 }
 
@@ -212,8 +207,7 @@ async fn registry_authenticates_again_after_its_token_expired() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_keeps_working_after_its_auth_token_expired() {
     let (mut server, ctl, options) = auth_etcd_short_tokens();
-    let (plane, datapath) =
-        start_plane_with(&options, &NodeSpec::new(node_ip(1), &config_json(NET, ""))).await.unwrap();
+    let (plane, datapath) = start_plane_with(&options, &NodeSpec::new(node_ip(1), &agent_config())).await.unwrap();
     let own = plane.own().clone();
     let running = Running::spawn(plane);
 

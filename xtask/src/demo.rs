@@ -1,66 +1,144 @@
-//! `cargo xtask demo`: builds the agent, then on a throwaway lab (two network namespaces
-//! joined by a veth pair, a private bpffs) attaches the counter programs, sends pings and
-//! prints the counters read back from the pinned map. Everything is removed on exit.
+//! `cargo xtask demo`: the product on a local 3-node cluster (namespaces, real etcd, real
+//! agents, pods made by the CNI chain): shows the lease table, pod-to-pod traffic across
+//! nodes with its throughput, and masquerade to a host outside the cluster; then tears it
+//! all down (also on Ctrl-C). `--keep` leaves it running until Ctrl-C.
 
-use std::process::Command;
+use std::{
+    net::Ipv4Addr,
+    sync::atomic::{AtomicBool, Ordering},
+    time::Duration,
+};
 
 use anyhow::{Context, Result};
+use clap::Args;
 use flannel_ebpf_builder::prerequisites::{ensure_debian_packages, Prerequisites, Provision, HOST_BUILD_PACKAGES};
-use flannel_tests::{netns::run as run_checked, require_root, veth_pair, NetNs, PrivateBpffs};
+use flannel_tests::{
+    lab::{self, Lab, LabConfig, EXTERNAL_IP, SUBNETS_PREFIX},
+    require_root,
+    traffic::tcp_source_seen,
+};
 
-use crate::{cargo, run_step, workspace_root};
+use crate::{cargo, run_step, test::TEST_PACKAGES};
 
-const PINGS: u32 = 10;
+#[derive(Args)]
+pub struct DemoArgs {
+    /// Leave the cluster running and print how to use it; Ctrl-C tears it down.
+    #[arg(long)]
+    keep: bool,
+    /// The agents' datapath: netlink (flannel-classic kernel datapath) or ebpf.
+    #[arg(long, default_value = "netlink")]
+    datapath: String,
+    /// Backend in the network config: vxlan or host-gw.
+    #[arg(long, default_value = "vxlan")]
+    backend: String,
+}
 
-pub fn run() -> Result<()> {
-    require_root()?;
-    ensure_debian_packages(&["iproute2", "iputils-ping", "procps", "bpftool"], Provision::Install)?;
-    ensure_debian_packages(HOST_BUILD_PACKAGES, Provision::Install)?;
-    Prerequisites::ensure(Provision::Install)?;
-    run_step("build agent", cargo().args(["build", "--package", "flannel-agent", "--bins"]))?;
-    let agent = workspace_root()?.join("target/debug/flannel-agent");
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
-    let bpffs = PrivateBpffs::mount()?;
-    let pin_root = bpffs.path().join("flannel");
-    let client = NetNs::create("demo-client")?;
-    let node = NetNs::create("demo-node")?;
-    veth_pair(&client, "eth0", &node, "eth0")?;
-    client.ip(&["addr", "add", "192.0.2.1/24", "dev", "eth0"])?;
-    node.ip(&["addr", "add", "192.0.2.2/24", "dev", "eth0"])?;
-    println!(
-        "lab: {} (192.0.2.1) <-veth-> {} (192.0.2.2), pins under {}",
-        client.name(),
-        node.name(),
-        pin_root.display()
-    );
+extern "C" fn on_interrupt(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
 
-    let agent_in_node = |args: &[&str]| -> Result<String> {
-        let mut command = node.command(&agent);
-        command.arg("--bpf-pin-path").arg(&pin_root).args(args);
-        let output = run_checked(&mut command)?;
-        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
-    };
-    agent_in_node(&["counters", "attach", "--iface", "eth0"])?;
-    println!("attached fl_count_xdp (ingress) and fl_count_tc (egress) to eth0 in {}", node.name());
-
-    let ping = run_checked(client.command("ping").args(["-c", &PINGS.to_string(), "-i", "0.05", "-q", "192.0.2.2"]))?;
-    println!("{}", String::from_utf8_lossy(&ping.stdout).trim());
-
-    println!("\nflannel-agent counters show (from the pinned map):");
-    print!("{}", agent_in_node(&["counters", "show"])?);
-
-    let map = pin_root.join("maps").join(flannel_common_map_name());
-    let dump = Command::new("bpftool").args(["map", "dump", "pinned"]).arg(&map).output().context("running bpftool")?;
-    println!("\nbpftool map dump pinned {} (BTF field names):", map.display());
-    print!("{}", String::from_utf8_lossy(&dump.stdout));
-
-    agent_in_node(&["counters", "detach", "--iface", "eth0"])?;
-    println!("\ndetached; removing the lab");
+fn interrupted() -> Result<()> {
+    anyhow::ensure!(!INTERRUPTED.load(Ordering::SeqCst), "interrupted");
     Ok(())
 }
 
-/// The counters map's pinned name (flannel-common is not a dependency of xtask, which must
-/// build before the eBPF toolchain exists; the name is checked by the e2e tests).
-fn flannel_common_map_name() -> &'static str {
-    "fl_counters_v1"
+pub fn run(args: DemoArgs) -> Result<()> {
+    require_root()?;
+    ensure_debian_packages(HOST_BUILD_PACKAGES, Provision::Install)?;
+    ensure_debian_packages(TEST_PACKAGES, Provision::Install)?;
+    Prerequisites::ensure(Provision::Install)?;
+    run_step("build agent and CNI plugin", cargo().args(["build", "--package", "flannel-agent", "--bins"]))?;
+    // Ctrl-C sets a flag; the lab is torn down when `run` returns (Drop), whatever happened.
+    // SAFETY: the handler only stores to an atomic.
+    unsafe {
+        libc::signal(libc::SIGINT, on_interrupt as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_interrupt as *const () as libc::sighandler_t);
+    }
+
+    println!("Starting a 3-node cluster (backend {}, datapath {}) …", args.backend, args.datapath);
+    let config = LabConfig { backend: args.backend.clone(), datapath: args.datapath.clone(), ..LabConfig::default() };
+    let lab = Lab::start(config)?;
+    interrupted()?;
+
+    print_leases(&lab)?;
+    println!("\nPods (created by the flannel CNI plugin → bridge + host-local):");
+    for (node, pod) in lab.pods() {
+        println!("  node{node} {:<15} netns {}", pod.ip, pod.ns.name());
+    }
+
+    let (a, b) = (&lab.nodes[0].pods[0], &lab.nodes[1].pods[0]);
+    println!("\nPod-to-pod across nodes: {} (node0) → {} (node1)", a.ip, b.ip);
+    let ping = lab::output(a.ns.command("ping").args(["-c", "5", "-i", "0.2", "-q", &b.ip.to_string()]))?;
+    for line in ping.lines().filter(|l| l.contains("packets") || l.contains("rtt")) {
+        println!("  {line}");
+    }
+    interrupted()?;
+
+    println!("\nTCP transfer (iperf3, 3 s) {} → {}:", a.ip, b.ip);
+    println!("  {}", iperf3(&lab, a.ip, b.ip)?);
+    interrupted()?;
+
+    for (node, pod) in [(0usize, &lab.nodes[0].pods[1]), (2, &lab.nodes[2].pods[0])] {
+        let seen = tcp_source_seen(&lab.external, EXTERNAL_IP, &pod.ns, 18000 + node as u16)?;
+        println!(
+            "\nPod {} (node{node}) → external host {EXTERNAL_IP}: the external host saw {} — node{node}'s address {} (masqueraded)",
+            pod.ip,
+            seen.ip(),
+            lab.nodes[node].ip
+        );
+    }
+
+    if args.keep {
+        println!("\nThe cluster keeps running. Enter a pod with, for example:");
+        println!("  nsenter --net=/run/netns/{} bash", a.ns.name());
+        println!("  ping {}", b.ip);
+        println!("Agents' logs and subnet.env files: {}/node*/", lab.dir.path().display());
+        println!("Press Ctrl-C to stop and remove everything.");
+        while !INTERRUPTED.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    println!("\nTearing down the cluster …");
+    drop(lab);
+    println!("Done: namespaces, etcd, agents and mounts removed.");
+    Ok(())
+}
+
+fn print_leases(lab: &Lab) -> Result<()> {
+    println!("\nLeases in etcd ({SUBNETS_PREFIX}):");
+    println!("  {:<18} {:<14} {:<10} {:<18} {:>8}", "SUBNET", "PUBLIC IP", "BACKEND", "VTEP MAC", "TTL");
+    for (key, value) in lab.etcdctl().get_prefix(SUBNETS_PREFIX)? {
+        let lease: serde_json::Value = serde_json::from_str(&value)?;
+        let ttl = lab.etcdctl().key_lease(&key)?.map_or("none".to_string(), |(_, ttl)| format!("{ttl}s"));
+        println!(
+            "  {:<18} {:<14} {:<10} {:<18} {:>8}",
+            key.trim_start_matches(SUBNETS_PREFIX).replace('-', "/"),
+            lease["PublicIP"].as_str().unwrap_or("?"),
+            lease["BackendType"].as_str().unwrap_or(""),
+            lease["BackendData"]["VtepMAC"].as_str().unwrap_or("-"),
+            ttl
+        );
+    }
+    Ok(())
+}
+
+/// Runs an iperf3 transfer from the pod with `from` to the pod with `to`; returns a summary.
+fn iperf3(lab: &Lab, from: Ipv4Addr, to: Ipv4Addr) -> Result<String> {
+    let pod = |ip: Ipv4Addr| lab.pods().into_iter().find(|(_, p)| p.ip == ip).map(|(_, p)| p).context("pod");
+    let mut server = pod(to)?
+        .ns
+        .command("iperf3")
+        .args(["-s", "-1", "-B", &to.to_string()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    std::thread::sleep(Duration::from_millis(300));
+    let report = lab::output(pod(from)?.ns.command("iperf3").args(["-c", &to.to_string(), "-t", "3", "-J"]));
+    let _ = server.kill();
+    let _ = server.wait();
+    let json: serde_json::Value = serde_json::from_str(&report?)?;
+    let bps = json["end"]["sum_received"]["bits_per_second"].as_f64().context("iperf3 result")?;
+    Ok(format!("{:.2} Gbit/s received", bps / 1e9))
 }

@@ -25,8 +25,8 @@ enum Command {
     /// The one test command: install prerequisites, fmt, clippy, eBPF build, unit and
     /// root-only integration tests.
     Test,
-    /// Run the product on a local lab and show it working.
-    Demo,
+    /// Run the product on a local 3-node cluster and show it working.
+    Demo(demo::DemoArgs),
     /// Benchmarks (root): prints markdown tables for BENCHMARKS.md.
     #[command(subcommand)]
     Bench(bench::Suite),
@@ -40,7 +40,7 @@ fn main() -> Result<()> {
             Ok(())
         }
         Command::Test => test::run(),
-        Command::Demo => demo::run(),
+        Command::Demo(args) => demo::run(args),
         Command::Bench(suite) => bench::run(suite),
     }
 }

@@ -7,9 +7,10 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 use ipnet::{Ipv4Net, Ipv6Net};
 
 use super::{
-    gojson::{self, GoCidr, Ip4NetValue, Raw},
+    fields::{self, GoCidr, Ip4NetValue, Written},
     Backend, ConfigError, NetworkConfig, VxlanConfig,
 };
+use crate::gojson::{self, Json};
 
 /// Backend names flannel v0.28 registers on Linux (pkg/backend/*, `backend.Register`).
 const FLANNEL_BACKENDS: [&str; 9] =
@@ -35,12 +36,12 @@ struct GoConfig {
     subnet_len: u64,
     ipv6_subnet_len: u64,
     /// `None` when the key is absent; flannel treats absent and `null` differently.
-    backend: Option<Raw>,
+    backend: Option<Json>,
 }
 
 impl GoConfig {
     /// `json.Unmarshal` into `subnet.Config`, with ParseConfig's EnableIPv4 default.
-    fn decode(entries: Vec<(String, Raw)>) -> Result<GoConfig, ConfigError> {
+    fn decode(entries: Vec<(String, Json)>) -> Result<GoConfig, ConfigError> {
         let mut c = GoConfig {
             enable_ipv4: true,
             enable_ipv6: false,
@@ -58,27 +59,27 @@ impl GoConfig {
         for (key, raw) in entries {
             let is = |field: &str| gojson::key_matches(&key, field);
             if is("EnableIPv4") {
-                gojson::set_bool("EnableIPv4", &raw, &mut c.enable_ipv4)?;
+                fields::set_bool("EnableIPv4", &raw, &mut c.enable_ipv4)?;
             } else if is("EnableIPv6") {
-                gojson::set_bool("EnableIPv6", &raw, &mut c.enable_ipv6)?;
+                fields::set_bool("EnableIPv6", &raw, &mut c.enable_ipv6)?;
             } else if is("EnableNFTables") {
-                gojson::set_bool("EnableNFTables", &raw, &mut c.enable_nftables)?;
+                fields::set_bool("EnableNFTables", &raw, &mut c.enable_nftables)?;
             } else if is("Network") {
-                gojson::set_ip4net(&raw, &mut c.network)?;
+                fields::set_ip4net(&raw, &mut c.network)?;
             } else if is("IPv6Network") {
-                gojson::set_ip6net(&raw, &mut c.ipv6_network)?;
+                fields::set_ip6net(&raw, &mut c.ipv6_network)?;
             } else if is("SubnetMin") {
-                gojson::set_ip4("SubnetMin", &raw, &mut c.subnet_min)?;
+                fields::set_ip4("SubnetMin", &raw, &mut c.subnet_min)?;
             } else if is("SubnetMax") {
-                gojson::set_ip4("SubnetMax", &raw, &mut c.subnet_max)?;
+                fields::set_ip4("SubnetMax", &raw, &mut c.subnet_max)?;
             } else if is("IPv6SubnetMin") {
-                gojson::set_ip6("IPv6SubnetMin", &raw, &mut c.ipv6_subnet_min)?;
+                fields::set_ip6("IPv6SubnetMin", &raw, &mut c.ipv6_subnet_min)?;
             } else if is("IPv6SubnetMax") {
-                gojson::set_ip6("IPv6SubnetMax", &raw, &mut c.ipv6_subnet_max)?;
+                fields::set_ip6("IPv6SubnetMax", &raw, &mut c.ipv6_subnet_max)?;
             } else if is("SubnetLen") {
-                gojson::set_uint("SubnetLen", &raw, &mut c.subnet_len)?;
+                fields::set_uint("SubnetLen", &raw, &mut c.subnet_len)?;
             } else if is("IPv6SubnetLen") {
-                gojson::set_uint("IPv6SubnetLen", &raw, &mut c.ipv6_subnet_len)?;
+                fields::set_uint("IPv6SubnetLen", &raw, &mut c.ipv6_subnet_len)?;
             } else if is("Backend") {
                 // json.RawMessage keeps whatever is there, `null` included.
                 c.backend = Some(raw);
@@ -89,7 +90,7 @@ impl GoConfig {
     }
 }
 
-pub(super) fn build(entries: Vec<(String, Raw)>) -> Result<NetworkConfig, ConfigError> {
+pub(super) fn build(entries: Vec<(String, Json)>) -> Result<NetworkConfig, ConfigError> {
     let c = GoConfig::decode(entries)?;
     // ParseConfig reads the backend type before CheckNetworkConfig runs.
     let backend_type = backend_type(c.backend.as_ref())?;
@@ -295,28 +296,34 @@ where
 
 /// pkg/subnet/config.go parseBackendType: an absent Backend means "udp"; a present one must
 /// decode as an object whose Type is a string (`null` Backend or Type leaves it empty).
-fn backend_type(backend: Option<&Raw>) -> Result<String, ConfigError> {
+fn backend_type(backend: Option<&Json>) -> Result<String, ConfigError> {
     let mut ty = String::new();
     match backend {
         None => return Ok("udp".to_owned()),
-        Some(Raw::Null) => {}
-        Some(Raw::Object(entries)) => {
+        Some(Json::Null) => {}
+        Some(Json::Object(entries)) => {
             for (key, raw) in entries {
                 if gojson::key_matches(key, "Type") {
-                    gojson::set_string("Backend.Type", raw, &mut ty)?;
+                    fields::set_string("Backend.Type", raw, &mut ty)?;
                 }
             }
         }
-        Some(other) => return Err(invalid("Backend", other, format!("it must be an object, not {}", other.kind()))),
+        Some(other) => {
+            return Err(invalid(
+                "Backend",
+                Written(other),
+                format!("it must be an object, not {}", fields::kind_phrase(other)),
+            ))
+        }
     }
     Ok(ty)
 }
 
 /// What flannel does at startup: pkg/backend/manager.go GetBackend (type names compared in
 /// lower case) and the chosen backend's config parsing.
-fn backend(ty: String, raw: Option<&Raw>) -> Result<Backend, ConfigError> {
-    let entries: &[(String, Raw)] = match raw {
-        Some(Raw::Object(entries)) => entries,
+fn backend(ty: String, raw: Option<&Json>) -> Result<Backend, ConfigError> {
+    let entries: &[(String, Json)] = match raw {
+        Some(Json::Object(entries)) => entries,
         _ => &[],
     };
     let name = ty.to_lowercase();
@@ -338,23 +345,23 @@ fn backend(ty: String, raw: Option<&Raw>) -> Result<Backend, ConfigError> {
 }
 
 /// pkg/backend/vxlan/vxlan.go parseVXLANConfig: Go ints and bools, VNI defaulting to 1.
-fn vxlan(entries: &[(String, Raw)]) -> Result<VxlanConfig, ConfigError> {
+fn vxlan(entries: &[(String, Json)]) -> Result<VxlanConfig, ConfigError> {
     let mut cfg = VxlanConfig::default();
     let (mut vni, mut port, mut mtu) = (i64::from(cfg.vni), i64::from(cfg.port), i64::from(cfg.mtu));
     for (key, raw) in entries {
         let is = |field: &str| gojson::key_matches(key, field);
         if is("VNI") {
-            gojson::set_int("Backend.VNI", raw, &mut vni)?;
+            fields::set_int("Backend.VNI", raw, &mut vni)?;
         } else if is("Port") {
-            gojson::set_int("Backend.Port", raw, &mut port)?;
+            fields::set_int("Backend.Port", raw, &mut port)?;
         } else if is("MTU") {
-            gojson::set_int("Backend.MTU", raw, &mut mtu)?;
+            fields::set_int("Backend.MTU", raw, &mut mtu)?;
         } else if is("GBP") {
-            gojson::set_bool("Backend.GBP", raw, &mut cfg.gbp)?;
+            fields::set_bool("Backend.GBP", raw, &mut cfg.gbp)?;
         } else if is("Learning") {
-            gojson::set_bool("Backend.Learning", raw, &mut cfg.learning)?;
+            fields::set_bool("Backend.Learning", raw, &mut cfg.learning)?;
         } else if is("DirectRouting") {
-            gojson::set_bool("Backend.DirectRouting", raw, &mut cfg.direct_routing)?;
+            fields::set_bool("Backend.DirectRouting", raw, &mut cfg.direct_routing)?;
         }
     }
     // flannel hands these straight to netlink: the kernel refuses VNIs beyond 24 bits, while a
@@ -372,11 +379,11 @@ fn vxlan(entries: &[(String, Raw)]) -> Result<VxlanConfig, ConfigError> {
 }
 
 /// pkg/backend/udp/udp_amd64.go RegisterNetwork: `Port int`, default 8285.
-fn udp(entries: &[(String, Raw)]) -> Result<Backend, ConfigError> {
+fn udp(entries: &[(String, Json)]) -> Result<Backend, ConfigError> {
     let mut port = UDP_DEFAULT_PORT;
     for (key, raw) in entries {
         if gojson::key_matches(key, "Port") {
-            gojson::set_int("Backend.Port", raw, &mut port)?;
+            fields::set_int("Backend.Port", raw, &mut port)?;
         }
     }
     // flannel binds this port and tells peers to send to it: 0 would bind a random port that

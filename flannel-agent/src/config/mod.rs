@@ -4,20 +4,23 @@
 //!
 //! Go's decoder has habits serde's derive does not share, and hand-written configs rely on
 //! them: keys match case-insensitively, unknown keys are ignored, `null` usually leaves the
-//! default, and a repeated key wins over the earlier one. Those are reproduced in `gojson`.
+//! default, and a repeated key wins over the earlier one. Those are reproduced by
+//! [`crate::gojson`]; `fields` reads subnet.Config's field types with them.
 //!
 //! [`parse`] also refuses what flannel accepts only to fail at startup (no address family, an
 //! unknown backend type, bad backend options) or to misbehave later (SubnetMin above
 //! SubnetMax, out-of-range ports), so that a config this returns can actually be run.
 
 mod check;
-mod gojson;
+mod fields;
 #[cfg(test)]
 mod tests;
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 use ipnet::{Ipv4Net, Ipv6Net};
+
+use crate::gojson::{self, Json};
 
 /// A validated network config with flannel's defaults applied.
 ///
@@ -114,11 +117,11 @@ pub enum ConfigError {
 /// Parses, defaults and validates a network config, like flannel's ParseConfig followed by
 /// CheckNetworkConfig plus the checks flannel makes when it starts the backend.
 pub fn parse(json: &str) -> Result<NetworkConfig, ConfigError> {
-    let entries = match serde_json::from_str(json).map_err(ConfigError::Syntax)? {
+    let entries = match gojson::parse_skipping_arrays(json).map_err(ConfigError::Syntax)? {
         // Go decodes a top-level `null` into the defaults without complaint.
-        gojson::Raw::Null => Vec::new(),
-        gojson::Raw::Object(entries) => entries,
-        other => return Err(ConfigError::NotAnObject { found: other.kind() }),
+        Json::Null => Vec::new(),
+        Json::Object(entries) => entries,
+        other => return Err(ConfigError::NotAnObject { found: fields::kind_phrase(&other) }),
     };
     check::build(entries)
 }

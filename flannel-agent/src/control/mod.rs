@@ -26,6 +26,9 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 const RENEW_RETRY: Duration = Duration::from_secs(60);
 /// After a datapath error, the whole table is reconciled again this much later.
 const DATAPATH_RETRY: Duration = Duration::from_secs(5);
+/// Every this often the datapath is checked against the table and repaired (a deleted vxlan
+/// device or route comes back), as flanneld re-adds its routes every 10 s.
+const DATAPATH_RESYNC: Duration = Duration::from_secs(10);
 
 /// Fixed inputs of the control plane.
 pub struct Settings {
@@ -164,6 +167,8 @@ impl<D: Datapath> ControlPlane<D> {
         let mut renew_at = self.schedule_renewal().await;
         let far = || Instant::now() + Duration::from_secs(365 * 24 * 3600);
         let mut datapath_retry_at = far();
+        let mut resync = tokio::time::interval_at(Instant::now() + DATAPATH_RESYNC, DATAPATH_RESYNC);
+        resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             if watch.is_none() {
                 match self.registry.watch_leases(self.revision + 1).await {
@@ -194,6 +199,7 @@ impl<D: Datapath> ControlPlane<D> {
                     datapath_retry_at = far();
                     self.retry_datapath().await;
                 }
+                _ = resync.tick() => self.retry_datapath().await,
                 _ = backoff_sleep => backoff = (backoff * 2).min(BACKOFF_MAX),
                 message = next_message(&mut watch) => match message {
                     Ok(Some(response)) => {
@@ -317,14 +323,24 @@ impl<D: Datapath> ControlPlane<D> {
         }
     }
 
+    /// Re-applies our local part and reconciles every lease (after an error, and
+    /// periodically, so that state removed behind our back comes back).
     async fn retry_datapath(&mut self) {
         let leases: Vec<Lease> = self.table.leases().cloned().collect();
-        match self.datapath.reconcile(&leases).await {
+        let result = match self.datapath.set_local(&self.local).await {
+            Ok(()) => self.datapath.reconcile(&leases).await,
+            Err(error) => Err(error),
+        };
+        match result {
             Ok(()) => {
-                self.datapath_dirty = false;
-                tracing::info!(peers = leases.len(), "datapath reconciled after an earlier error");
+                if std::mem::take(&mut self.datapath_dirty) {
+                    tracing::info!(peers = leases.len(), "datapath reconciled after an earlier error");
+                }
             }
-            Err(error) => tracing::error!("datapath reconcile failed, will retry: {error:#}"),
+            Err(error) => {
+                self.datapath_dirty = true;
+                tracing::error!("datapath reconcile failed, will retry: {error:#}");
+            }
         }
     }
 

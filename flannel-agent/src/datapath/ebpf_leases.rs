@@ -147,7 +147,11 @@ impl Datapath for EbpfLeaseMap {
                 written += 1;
             }
         }
-        tracing::info!(kept = present.len() - swept, written, swept, "lease map reconciled");
+        if written > 0 || swept > 0 {
+            tracing::info!(kept = present.len() - swept, written, swept, "lease map reconciled");
+        } else {
+            tracing::debug!(entries = present.len(), "lease map already as it should be");
+        }
         Ok(())
     }
 

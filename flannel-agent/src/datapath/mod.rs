@@ -3,6 +3,7 @@
 //! ([`ebpf_leases`]); the netlink (flannel-classic) datapath implements the same trait.
 
 pub mod ebpf_leases;
+pub mod netlink;
 
 use std::{future::Future, net::Ipv4Addr};
 

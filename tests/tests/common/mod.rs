@@ -76,6 +76,13 @@ impl Datapath for RecordingDatapath {
     }
 }
 
+/// The network config for agents under test: they allocate from 10.244.100.0 up, so the peer
+/// leases tests write by hand (below 10.244.100.0) can never be the subnet an agent picked
+/// at random.
+pub fn agent_config() -> String {
+    config_json("10.244.0.0/16", r#","SubnetMin":"10.244.100.0""#)
+}
+
 pub fn config_json(network: &str, extra: &str) -> String {
     format!(r#"{{"Network":"{network}"{extra},"Backend":{{"Type":"vxlan","VNI":1}}}}"#)
 }
