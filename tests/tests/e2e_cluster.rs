@@ -67,8 +67,33 @@ fn host_gw_every_pod_pair_and_masquerade() {
 }
 
 #[test]
-fn node_leave_and_join_reach_the_kernel_within_a_second_and_own_lease_is_repaired() {
-    let lab = lab("vxlan");
+fn vxlan_node_leave_and_join_reach_the_kernel_within_a_second_and_own_lease_is_repaired() {
+    leave_join_and_repair("vxlan");
+}
+
+#[test]
+fn host_gw_node_leave_and_join_reach_the_kernel_within_a_second_and_own_lease_is_repaired() {
+    leave_join_and_repair("host-gw");
+}
+
+#[test]
+fn host_gw_refuses_a_peer_behind_a_gateway() {
+    let lab = lab("host-gw");
+    // A node whose PublicIP is only reachable through the default gateway.
+    let key = format!("{SUBNETS_PREFIX}10.244.220.0-24");
+    lab.etcdctl().put(&key, r#"{"PublicIP":"198.51.100.7","PublicIPv6":null,"BackendType":"host-gw"}"#).unwrap();
+    let logged = within(Duration::from_secs(3), || {
+        lab.nodes[0].log_text().contains("host-gw needs every node on the local L2 segment")
+    });
+    assert!(logged.is_some(), "no clear error: {}", lab.nodes[0].log_text());
+    assert!(lab.nodes[0].log_text().contains("198.51.100.7"), "the error names the peer");
+    assert!(route_to(&lab.nodes[0].ns, &"10.244.220.0/24".parse().unwrap()).is_empty(), "no route installed");
+    // Everything else keeps working.
+    lab::ping(&lab.nodes[0].pods[0].ns, lab.nodes[1].pods[0].ip, 1).unwrap();
+}
+
+fn leave_join_and_repair(backend: &str) {
+    let lab = lab(backend);
     let subnet2 = lab.nodes[2].subnet().unwrap();
     let key2 = format!("{SUBNETS_PREFIX}{}-{}", subnet2.network(), subnet2.prefix_len());
     let value2 = lab.etcdctl().get(&key2).unwrap().expect("node 2's lease");
