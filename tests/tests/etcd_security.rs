@@ -44,7 +44,11 @@ fn tls_etcd(dir: &Path) -> (EtcdServer, Etcdctl, EtcdOptions) {
 /// A plain member with auth enabled (user root), its etcdctl (as root) and the agent's options
 /// with the right credentials.
 fn auth_etcd() -> (EtcdServer, Etcdctl, EtcdOptions) {
-    let mut server = EtcdServer::start().expect("etcd starts");
+    auth_etcd_with(&MemberOptions::default())
+}
+
+fn auth_etcd_with(member: &MemberOptions) -> (EtcdServer, Etcdctl, EtcdOptions) {
+    let mut server = EtcdServer::start_with(member).expect("etcd starts");
     server.enable_auth(PASSWORD).expect("auth enabled");
     let options = EtcdOptions {
         endpoints: vec![server.client_url()],
@@ -165,18 +169,7 @@ async fn wrong_password_is_refused() {
 /// A member with auth enabled whose auth tokens expire after 1 s unused (etcd's default is
 /// 5 min), as [`auth_etcd`].
 fn auth_etcd_short_tokens() -> (EtcdServer, Etcdctl, EtcdOptions) {
-    let options = MemberOptions { extra_args: vec!["--auth-token-ttl=1".into()], ..MemberOptions::default() };
-    let mut server = EtcdServer::start_with(&options).expect("etcd starts");
-    server.enable_auth(PASSWORD).expect("auth enabled");
-    let options = EtcdOptions {
-        endpoints: vec![server.client_url()],
-        prefix: PREFIX.into(),
-        username: Some("root".into()),
-        password: Some(PASSWORD.into()),
-        ..Default::default()
-    };
-    let ctl = server.etcdctl();
-    (server, ctl, options)
+    auth_etcd_with(&MemberOptions { extra_args: vec!["--auth-token-ttl=1".into()], ..MemberOptions::default() })
 }
 
 /// etcd drops an auth token unused for `--auth-token-ttl`; the registry then authenticates
