@@ -21,6 +21,9 @@ pub enum LeaseKind {
     HostGw = 3,
 }
 
+/// [`LeaseKind::Vxlan`] as stored in [`LeaseEntry::kind`].
+pub const LEASE_KIND_VXLAN: u8 = LeaseKind::Vxlan as u8;
+
 impl LeaseKind {
     pub const fn from_u8(raw: u8) -> Option<LeaseKind> {
         match raw {

@@ -8,6 +8,8 @@
 
 pub mod counters;
 pub mod leases;
+pub mod node;
 
 pub use counters::{Direction, IfaceCounterKey, PacketCounter, COUNTERS_MAP};
 pub use leases::{LeaseEntry, LeaseKind, LEASES_MAP};
+pub use node::{NodeConfig, NODE_MAP};

@@ -5,6 +5,7 @@
 
 mod counters;
 mod leases;
+mod vxlan;
 
 #[cfg(not(test))]
 #[panic_handler]

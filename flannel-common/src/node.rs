@@ -1,0 +1,27 @@
+//! This node's datapath settings (`fl_node_v1`, a one-entry array written by the agent).
+
+pub const NODE_MAP: &str = "fl_node_v1";
+
+/// What the programs need to know about this node. 24 bytes, no implicit padding.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NodeConfig {
+    /// Our PublicIP (outer source address), network byte order.
+    pub public_ip: [u8; 4],
+    /// Our VtepMAC (inner source MAC of encapsulated frames).
+    pub vtep_mac: [u8; 6],
+    pub _pad: [u8; 2],
+    /// VXLAN network identifier.
+    pub vni: u32,
+    /// VXLAN UDP destination port, host byte order (8472 unless the config says otherwise).
+    pub vxlan_port: u16,
+    pub _pad2: u16,
+    /// The external (underlay) interface encapsulated packets leave through.
+    pub ext_ifindex: u32,
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: repr(C), explicit padding fields, every bit pattern valid.
+    unsafe impl aya::Pod for super::NodeConfig {}
+}

@@ -1,0 +1,138 @@
+//! BPF_PROG_TEST_RUN unit tests of the pod-egress VXLAN encapsulation (`fl_pod_egress`):
+//! byte-exact outer headers as flannel's kernel vxlan writes them, and the pass-through
+//! decisions. Root only; fails loudly otherwise.
+
+use std::net::Ipv4Addr;
+
+use aya::{
+    maps::{lpm_trie::Key, Array, LpmTrie},
+    programs::{SchedClassifier, TestRun, TestRunOptions},
+    Ebpf,
+};
+use flannel_agent::ebpf::object;
+use flannel_common::{LeaseEntry, LeaseKind, NodeConfig, LEASES_MAP, NODE_MAP};
+use flannel_tests::{packet, require_root};
+
+const TC_ACT_OK: u32 = 0;
+const TC_ACT_REDIRECT: u32 = 7;
+const OUR_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 11);
+const PEER_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 12);
+const OUR_VTEP: [u8; 6] = [0x02, 0, 0, 0, 0, 0x11];
+const PEER_VTEP: [u8; 6] = [0x02, 0, 0, 0, 0, 0x12];
+const POD_MAC: [u8; 6] = [0x0a, 0, 0, 0, 0, 0x02];
+const CNI0_MAC: [u8; 6] = [0x0a, 0, 0, 0, 0, 0x01];
+
+fn lease(public_ip: Ipv4Addr, kind: LeaseKind, vtep_mac: [u8; 6]) -> LeaseEntry {
+    LeaseEntry { public_ip: public_ip.octets(), vtep_mac, kind: kind as u8, _pad: 0, vni: 1 }
+}
+
+/// The object with our node (10.244.1.0/24, local), a vxlan peer (10.244.2.0/24) and a
+/// host-gw peer (10.244.3.0/24), and the egress program loaded.
+fn setup() -> Ebpf {
+    require_root().unwrap();
+    let mut ebpf = object::load_unpinned().unwrap();
+    {
+        let mut leases: LpmTrie<_, [u8; 4], LeaseEntry> = LpmTrie::try_from(ebpf.map_mut(LEASES_MAP).unwrap()).unwrap();
+        for (subnet, entry) in [
+            ([10, 244, 1, 0], lease(OUR_IP, LeaseKind::Local, OUR_VTEP)),
+            ([10, 244, 2, 0], lease(PEER_IP, LeaseKind::Vxlan, PEER_VTEP)),
+            ([10, 244, 3, 0], lease(Ipv4Addr::new(192, 0, 2, 13), LeaseKind::HostGw, [0; 6])),
+        ] {
+            leases.insert(&Key::new(24, subnet), entry, 0).unwrap();
+        }
+    }
+    {
+        let mut node: Array<_, NodeConfig> = Array::try_from(ebpf.map_mut(NODE_MAP).unwrap()).unwrap();
+        let config = NodeConfig {
+            public_ip: OUR_IP.octets(),
+            vtep_mac: OUR_VTEP,
+            vni: 1,
+            vxlan_port: 8472,
+            ext_ifindex: 1,
+            ..Default::default()
+        };
+        node.set(0, config, 0).unwrap();
+    }
+    let program: &mut SchedClassifier = ebpf.program_mut("fl_pod_egress").unwrap().try_into().unwrap();
+    program.load().unwrap();
+    ebpf
+}
+
+/// Runs the program on `frame`; returns the verdict and the output frame.
+fn run(ebpf: &Ebpf, frame: &[u8]) -> (u32, Vec<u8>) {
+    let program: &SchedClassifier = ebpf.program("fl_pod_egress").unwrap().try_into().unwrap();
+    let mut out = vec![0u8; frame.len() + 128];
+    let opts = TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), ..Default::default() };
+    let result = program.test_run(opts).expect("BPF_PROG_TEST_RUN");
+    out.truncate(result.data_size_out as usize);
+    (result.return_value, out)
+}
+
+fn pod_frame(dst: Ipv4Addr, tos: u8) -> Vec<u8> {
+    let mut f = packet::udp4(POD_MAC, CNI0_MAC, Ipv4Addr::new(10, 244, 1, 2), dst, 40000, 5201, b"flannel-rs payload");
+    f[packet::ETH_HLEN + 1] = tos;
+    // The IPv4 checksum must stay valid after changing the TOS byte.
+    f[packet::ETH_HLEN + 10] = 0;
+    f[packet::ETH_HLEN + 11] = 0;
+    let c = packet::checksum(&f[packet::ETH_HLEN..packet::ETH_HLEN + packet::IPV4_HLEN]);
+    f[packet::ETH_HLEN + 10..packet::ETH_HLEN + 12].copy_from_slice(&c.to_be_bytes());
+    f
+}
+
+#[test]
+fn remote_vxlan_destination_is_encapsulated_byte_exactly() {
+    let ebpf = setup();
+    // ECN CE (0x03) with DSCP 0x28: only the ECN bits are copied outward.
+    let inner = pod_frame(Ipv4Addr::new(10, 244, 2, 3), 0xa3);
+    let (verdict, out) = run(&ebpf, &inner);
+    assert_eq!(verdict, TC_ACT_REDIRECT, "handed to bpf_redirect_neigh");
+    assert_eq!(out.len(), inner.len() + 50);
+
+    let inner_ip_len = inner.len() - 14;
+    let mut expected = Vec::new();
+    // Outer Ethernet: MACs left for bpf_redirect_neigh to fill in; IPv4.
+    expected.extend_from_slice(&[0; 12]);
+    expected.extend_from_slice(&[0x08, 0x00]);
+    // Outer IPv4: our PublicIP → the peer's, UDP, TTL 64, ECN from the inner header.
+    let mut ip = packet::ipv4_header(OUR_IP, PEER_IP, packet::IPPROTO_UDP, (8 + 8 + 14 + inner_ip_len) as u16);
+    ip[1] = 0x03;
+    ip[6] = 0; // no DF, as the kernel vxlan device by default
+    ip[10] = 0;
+    ip[11] = 0;
+    let c = packet::checksum(&ip);
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    expected.extend_from_slice(&ip);
+    // UDP: source port from the flow hash (checked below), dport 8472, length, checksum 0.
+    let sport = u16::from_be_bytes([out[34], out[35]]);
+    expected.extend_from_slice(&sport.to_be_bytes());
+    expected.extend_from_slice(&8472u16.to_be_bytes());
+    expected.extend_from_slice(&((8 + 8 + 14 + inner_ip_len) as u16).to_be_bytes());
+    expected.extend_from_slice(&[0, 0]);
+    // VXLAN: I flag, VNI 1.
+    expected.extend_from_slice(&[0x08, 0, 0, 0, 0, 0, 0x01, 0]);
+    // Inner Ethernet: the peer's VtepMAC ← ours, as flannel puts it on the wire.
+    expected.extend_from_slice(&PEER_VTEP);
+    expected.extend_from_slice(&OUR_VTEP);
+    expected.extend_from_slice(&[0x08, 0x00]);
+    // The pod's IPv4 packet, untouched.
+    expected.extend_from_slice(&inner[14..]);
+    assert_eq!(out, expected);
+    assert_eq!(packet::checksum(&out[14..34]), 0, "outer IPv4 checksum valid");
+    assert!((32768..61000).contains(&sport), "source port {sport} in the kernel vxlan range");
+
+    // The same flow always gets the same source port (ECMP/RSS on the underlay stay per flow).
+    let (_, again) = run(&ebpf, &inner);
+    assert_eq!(&again[34..36], &out[34..36]);
+}
+
+#[test]
+fn local_host_gw_external_and_non_ipv4_traffic_pass_untouched() {
+    let ebpf = setup();
+    for dst in [Ipv4Addr::new(10, 244, 1, 3), Ipv4Addr::new(10, 244, 3, 3), Ipv4Addr::new(203, 0, 113, 10)] {
+        let frame = pod_frame(dst, 0);
+        assert_eq!(run(&ebpf, &frame), (TC_ACT_OK, frame.clone()), "{dst}");
+    }
+    let mut arp = pod_frame(Ipv4Addr::new(10, 244, 2, 3), 0);
+    arp[12..14].copy_from_slice(&[0x08, 0x06]);
+    assert_eq!(run(&ebpf, &arp), (TC_ACT_OK, arp.clone()));
+}
