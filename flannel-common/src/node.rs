@@ -2,7 +2,7 @@
 
 pub const NODE_MAP: &str = "fl_node_v1";
 
-/// What the programs need to know about this node. 24 bytes, no implicit padding.
+/// What the programs need to know about this node. 32 bytes, no implicit padding.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct NodeConfig {
@@ -18,6 +18,10 @@ pub struct NodeConfig {
     pub _pad2: u16,
     /// The external (underlay) interface encapsulated packets leave through.
     pub ext_ifindex: u32,
+    /// The external interface's MAC: decapsulated frames are addressed to it so that the
+    /// stack accepts them as its own and routes them to the pod.
+    pub ext_mac: [u8; 6],
+    pub _pad3: [u8; 2],
 }
 
 #[cfg(feature = "user")]

@@ -4,6 +4,7 @@
 #![no_main]
 
 mod counters;
+mod decap;
 mod leases;
 mod vxlan;
 

@@ -102,6 +102,7 @@ fn encapsulate(ctx: &TcContext) -> Result<i32, ()> {
     h[inner + 6..inner + 12].copy_from_slice(&node.vtep_mac);
     h[inner + 12] = 0x08;
     ctx.store(0, &h, 0).map_err(|_| ())?;
+    crate::decap::count(flannel_common::stats::Stat::Encapsulated);
 
     // SAFETY: plain helper call; null params = look the next hop up from the outer header.
     let verdict = unsafe { bpf_redirect_neigh(node.ext_ifindex, core::ptr::null_mut(), 0, 0) };

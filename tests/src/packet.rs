@@ -41,6 +41,37 @@ pub fn udp4(
     frame
 }
 
+/// A VXLAN frame as flannel's kernel vxlan device sends it: outer Ethernet/IPv4/UDP (checksum
+/// 0) and VXLAN (flag I, `vni`) around `inner_frame` (an Ethernet frame).
+pub fn vxlan4(
+    outer_src: Ipv4Addr,
+    outer_dst: Ipv4Addr,
+    sport: u16,
+    dport: u16,
+    vni: u32,
+    inner_frame: &[u8],
+) -> Vec<u8> {
+    let udp_len = (UDP_HLEN + 8 + inner_frame.len()) as u16;
+    let mut frame = Vec::with_capacity(ETH_HLEN + IPV4_HLEN + udp_len as usize);
+    frame.extend_from_slice(&[0x02, 0, 0, 0, 0xee, 0x02, 0x02, 0, 0, 0, 0xee, 0x01]);
+    frame.extend_from_slice(&ETH_P_IP.to_be_bytes());
+    let mut ip = ipv4_header(outer_src, outer_dst, IPPROTO_UDP, udp_len);
+    ip[6] = 0;
+    ip[10] = 0;
+    ip[11] = 0;
+    let c = checksum(&ip);
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    frame.extend_from_slice(&ip);
+    frame.extend_from_slice(&sport.to_be_bytes());
+    frame.extend_from_slice(&dport.to_be_bytes());
+    frame.extend_from_slice(&udp_len.to_be_bytes());
+    frame.extend_from_slice(&[0, 0]);
+    frame.extend_from_slice(&[0x08, 0, 0, 0]);
+    frame.extend_from_slice(&(vni << 8).to_be_bytes());
+    frame.extend_from_slice(inner_frame);
+    frame
+}
+
 /// A 20-byte IPv4 header (DF, TTL 64) with its checksum.
 pub fn ipv4_header(src: Ipv4Addr, dst: Ipv4Addr, protocol: u8, l4_len: u16) -> [u8; IPV4_HLEN] {
     let total = (IPV4_HLEN as u16) + l4_len;

@@ -5,12 +5,12 @@
 use std::net::Ipv4Addr;
 
 use aya::{
-    maps::{lpm_trie::Key, Array, LpmTrie},
-    programs::{SchedClassifier, TestRun, TestRunOptions},
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, PerCpuArray},
+    programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
     Ebpf,
 };
 use flannel_agent::ebpf::object;
-use flannel_common::{LeaseEntry, LeaseKind, NodeConfig, LEASES_MAP, NODE_MAP};
+use flannel_common::{LeaseEntry, LeaseKind, NodeConfig, Stat, LEASES_MAP, NODE_MAP, PEERS_MAP, STATS_MAP};
 use flannel_tests::{packet, require_root};
 
 const TC_ACT_OK: u32 = 0;
@@ -26,16 +26,26 @@ fn lease(public_ip: Ipv4Addr, kind: LeaseKind, vtep_mac: [u8; 6]) -> LeaseEntry 
     LeaseEntry { public_ip: public_ip.octets(), vtep_mac, kind: kind as u8, _pad: 0, vni: 1 }
 }
 
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const EXT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0xee, 0x11];
+
 /// The object with our node (10.244.1.0/24, local), a vxlan peer (10.244.2.0/24) and a
 /// host-gw peer (10.244.3.0/24), and the egress program loaded.
 fn setup() -> Ebpf {
+    node_object(OUR_IP, OUR_VTEP, PEER_IP, PEER_VTEP)
+}
+
+/// An object configured as node `me` (VtepMAC `my_vtep`) with `peer` (`peer_vtep`) holding
+/// 10.244.2.0/24 and `me` holding 10.244.1.0/24; both programs loaded.
+fn node_object(me: Ipv4Addr, my_vtep: [u8; 6], peer: Ipv4Addr, peer_vtep: [u8; 6]) -> Ebpf {
     require_root().unwrap();
     let mut ebpf = object::load_unpinned().unwrap();
     {
         let mut leases: LpmTrie<_, [u8; 4], LeaseEntry> = LpmTrie::try_from(ebpf.map_mut(LEASES_MAP).unwrap()).unwrap();
         for (subnet, entry) in [
-            ([10, 244, 1, 0], lease(OUR_IP, LeaseKind::Local, OUR_VTEP)),
-            ([10, 244, 2, 0], lease(PEER_IP, LeaseKind::Vxlan, PEER_VTEP)),
+            ([10, 244, 1, 0], lease(me, LeaseKind::Local, my_vtep)),
+            ([10, 244, 2, 0], lease(peer, LeaseKind::Vxlan, peer_vtep)),
             ([10, 244, 3, 0], lease(Ipv4Addr::new(192, 0, 2, 13), LeaseKind::HostGw, [0; 6])),
         ] {
             leases.insert(&Key::new(24, subnet), entry, 0).unwrap();
@@ -44,18 +54,37 @@ fn setup() -> Ebpf {
     {
         let mut node: Array<_, NodeConfig> = Array::try_from(ebpf.map_mut(NODE_MAP).unwrap()).unwrap();
         let config = NodeConfig {
-            public_ip: OUR_IP.octets(),
-            vtep_mac: OUR_VTEP,
+            public_ip: me.octets(),
+            vtep_mac: my_vtep,
             vni: 1,
             vxlan_port: 8472,
             ext_ifindex: 1,
+            ext_mac: EXT_MAC,
             ..Default::default()
         };
         node.set(0, config, 0).unwrap();
+        let mut peers: HashMap<_, [u8; 4], u32> = HashMap::try_from(ebpf.map_mut(PEERS_MAP).unwrap()).unwrap();
+        peers.insert(peer.octets(), 1, 0).unwrap();
     }
     let program: &mut SchedClassifier = ebpf.program_mut("fl_pod_egress").unwrap().try_into().unwrap();
     program.load().unwrap();
+    let program: &mut Xdp = ebpf.program_mut("fl_underlay_ingress").unwrap().try_into().unwrap();
+    program.load().unwrap();
     ebpf
+}
+
+fn run_xdp(ebpf: &Ebpf, frame: &[u8]) -> (u32, Vec<u8>) {
+    let program: &Xdp = ebpf.program("fl_underlay_ingress").unwrap().try_into().unwrap();
+    let mut out = vec![0u8; frame.len() + 128];
+    let opts = TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), ..Default::default() };
+    let result = program.test_run(opts).expect("BPF_PROG_TEST_RUN");
+    out.truncate(result.data_size_out as usize);
+    (result.return_value, out)
+}
+
+fn stat(ebpf: &Ebpf, stat: Stat) -> u64 {
+    let stats: PerCpuArray<_, u64> = PerCpuArray::try_from(ebpf.map(STATS_MAP).unwrap()).unwrap();
+    stats.get(&(stat as u32), 0).unwrap().iter().sum()
 }
 
 /// Runs the program on `frame`; returns the verdict and the output frame.
@@ -135,4 +164,75 @@ fn local_host_gw_external_and_non_ipv4_traffic_pass_untouched() {
     let mut arp = pod_frame(Ipv4Addr::new(10, 244, 2, 3), 0);
     arp[12..14].copy_from_slice(&[0x08, 0x06]);
     assert_eq!(run(&ebpf, &arp), (TC_ACT_OK, arp.clone()));
+}
+
+/// The pod packet the peer sends us, inside the VXLAN frame its kernel vxlan device builds.
+fn from_peer(outer_src: Ipv4Addr, inner_dst_mac: [u8; 6]) -> (Vec<u8>, Vec<u8>) {
+    let inner = packet::udp4(
+        PEER_VTEP,
+        inner_dst_mac,
+        Ipv4Addr::new(10, 244, 2, 3),
+        Ipv4Addr::new(10, 244, 1, 2),
+        5201,
+        40000,
+        b"reply",
+    );
+    (packet::vxlan4(outer_src, OUR_IP, 45678, 8472, 1, &inner), inner)
+}
+
+#[test]
+fn vxlan_from_a_peer_is_decapsulated_for_the_stack() {
+    let ebpf = setup();
+    let (frame, inner) = from_peer(PEER_IP, OUR_VTEP);
+    let (verdict, out) = run_xdp(&ebpf, &frame);
+    assert_eq!(verdict, XDP_PASS);
+    let mut expected = inner.clone();
+    expected[0..6].copy_from_slice(&EXT_MAC);
+    assert_eq!(out, expected, "the inner frame, addressed to our external interface");
+    assert_eq!(stat(&ebpf, Stat::Decapsulated), 1);
+}
+
+#[test]
+fn vxlan_from_an_unknown_source_or_for_another_vtep_is_dropped_and_counted() {
+    let ebpf = setup();
+    let (spoofed, _) = from_peer(Ipv4Addr::new(198, 51, 100, 66), OUR_VTEP);
+    assert_eq!(run_xdp(&ebpf, &spoofed).0, XDP_DROP);
+    assert_eq!(stat(&ebpf, Stat::DropSpoofedSource), 1);
+    let (wrong_mac, _) = from_peer(PEER_IP, [0x02, 0, 0, 0, 0, 0x99]);
+    assert_eq!(run_xdp(&ebpf, &wrong_mac).0, XDP_DROP);
+    assert_eq!(stat(&ebpf, Stat::DropWrongVtepMac), 1);
+    assert_eq!(stat(&ebpf, Stat::Decapsulated), 0);
+}
+
+#[test]
+fn other_traffic_passes_untouched() {
+    let ebpf = setup();
+    let (vxlan, inner) = from_peer(PEER_IP, OUR_VTEP);
+    let mut other_port = vxlan.clone();
+    other_port[36..38].copy_from_slice(&4789u16.to_be_bytes());
+    let mut other_vni = vxlan.clone();
+    other_vni[46] = 7;
+    let not_for_us = packet::vxlan4(PEER_IP, Ipv4Addr::new(192, 0, 2, 99), 45678, 8472, 1, &inner);
+    let plain = packet::udp4(POD_MAC, CNI0_MAC, PEER_IP, OUR_IP, 1000, 8472, b"not vxlan at all, too short");
+    for frame in [other_port, other_vni, not_for_us, plain, inner] {
+        assert_eq!(run_xdp(&ebpf, &frame), (XDP_PASS, frame.clone()));
+    }
+    assert_eq!(stat(&ebpf, Stat::Decapsulated) + stat(&ebpf, Stat::DropSpoofedSource), 0);
+}
+
+#[test]
+fn our_encapsulation_is_what_the_peer_decapsulates() {
+    let us = setup();
+    let peer = node_object(PEER_IP, PEER_VTEP, OUR_IP, OUR_VTEP);
+    let sent = pod_frame(Ipv4Addr::new(10, 244, 2, 3), 0);
+    let (verdict, mut wire) = run(&us, &sent);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(stat(&us, Stat::Encapsulated), 1);
+    // bpf_redirect_neigh would fill the outer MACs in.
+    wire[0..12].copy_from_slice(&[0x02, 0, 0, 0, 0xee, 0x12, 0x02, 0, 0, 0, 0xee, 0x11]);
+    // On the peer our PublicIP is a lease holder and 10.244.1.0/24 is ours.
+    let (verdict, received) = run_xdp(&peer, &wire);
+    assert_eq!(verdict, XDP_PASS);
+    assert_eq!(&received[14..], &sent[14..], "the pod's packet arrives unchanged");
+    assert_eq!(&received[6..12], &OUR_VTEP, "inner source MAC is our VtepMAC");
 }

@@ -9,7 +9,13 @@ use aya::{Ebpf, EbpfLoader};
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/flannel-ebpf.o"));
 
 /// Every map of the object, by its (versioned) name.
-pub const MAP_NAMES: &[&str] = &[flannel_common::COUNTERS_MAP, flannel_common::LEASES_MAP, flannel_common::NODE_MAP];
+pub const MAP_NAMES: &[&str] = &[
+    flannel_common::COUNTERS_MAP,
+    flannel_common::LEASES_MAP,
+    flannel_common::NODE_MAP,
+    flannel_common::PEERS_MAP,
+    flannel_common::STATS_MAP,
+];
 
 /// Loads the object with every map pinned as `<maps_dir>/<map name>`; existing pins are
 /// reused (so counters and tables survive an agent restart) after their layout is checked.
