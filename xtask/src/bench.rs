@@ -12,6 +12,19 @@ use crate::{cargo, run_step, test::TEST_PACKAGES};
 pub enum Suite {
     /// etcd → datapath: learning N pre-existing leases, one change's latency, agent peak RSS.
     ControlPlane(BenchArgs),
+    /// Pod-to-pod throughput and latency per datapath vs the bare underlay, interleaved; eBPF
+    /// per-packet program cost.
+    Datapath(DatapathArgs),
+}
+
+#[derive(Args)]
+pub struct DatapathArgs {
+    /// One round with 1 s streams.
+    #[arg(long)]
+    quick: bool,
+    /// Interleaved rounds (default 3).
+    #[arg(long)]
+    rounds: Option<usize>,
 }
 
 #[derive(Args)]
@@ -29,7 +42,7 @@ pub fn run(suite: Suite) -> Result<()> {
     ensure_debian_packages(HOST_BUILD_PACKAGES, Provision::Install)?;
     ensure_debian_packages(TEST_PACKAGES, Provision::Install)?;
     Prerequisites::ensure(Provision::Install)?;
-    // The benchmark drives the release agent binary, found next to the bench executable.
+    // The benchmarks drive the release binaries (agent, CNI plugin), found next to them.
     run_step("build agent (release)", cargo().args(["build", "--release", "--package", "flannel-agent", "--bins"]))?;
     match suite {
         Suite::ControlPlane(args) => {
@@ -42,6 +55,17 @@ pub fn run(suite: Suite) -> Result<()> {
                 command.args(["--leases", &n.to_string()]);
             }
             run_step("control-plane benchmark", &mut command)
+        }
+        Suite::Datapath(args) => {
+            let mut command = cargo();
+            command.args(["bench", "--package", "flannel-tests", "--bench", "datapath", "--"]);
+            if args.quick {
+                command.arg("--quick");
+            }
+            if let Some(n) = args.rounds {
+                command.args(["--rounds", &n.to_string()]);
+            }
+            run_step("datapath benchmark", &mut command)
         }
     }
 }
