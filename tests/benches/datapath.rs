@@ -16,12 +16,7 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use aya::{
-    maps::{lpm_trie::Key, Array, HashMap, LpmTrie},
-    programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
-};
-use flannel_agent::ebpf::object;
-use flannel_common::{LeaseEntry, LeaseKind, NodeConfig, LEASES_MAP, NODE_MAP, PEERS_MAP};
+use aya::programs::{SchedClassifier, TestRun, TestRunOptions, Xdp};
 use flannel_tests::{
     lab::{self, Lab, LabConfig},
     packet, NetNs,
@@ -32,6 +27,10 @@ struct Args {
     seconds: u32,
     rr_iterations: usize,
 }
+
+#[path = "../tests/support/ebpf_node.rs"]
+mod ebpf_node;
+use ebpf_node::node_object;
 
 fn parse_args() -> Args {
     let argv: Vec<String> = std::env::args().collect();
@@ -121,29 +120,7 @@ fn program_costs() -> Result<Vec<(String, f64)>> {
     let me = Ipv4Addr::new(192, 0, 2, 11);
     let peer = Ipv4Addr::new(192, 0, 2, 12);
     let (my_vtep, peer_vtep) = ([2, 0, 0, 0, 0, 0x11], [2, 0, 0, 0, 0, 0x12]);
-    let mut ebpf = object::load_unpinned()?;
-    let mut leases: LpmTrie<_, [u8; 4], LeaseEntry> = LpmTrie::try_from(ebpf.map_mut(LEASES_MAP).context("map")?)?;
-    let entry =
-        LeaseEntry { public_ip: peer.octets(), vtep_mac: peer_vtep, kind: LeaseKind::Vxlan as u8, _pad: 0, vni: 1 };
-    leases.insert(&Key::new(24, [10, 244, 2, 0]), entry, 0)?;
-    let mut node: Array<_, NodeConfig> = Array::try_from(ebpf.map_mut(NODE_MAP).context("map")?)?;
-    let config = NodeConfig {
-        public_ip: me.octets(),
-        vtep_mac: my_vtep,
-        vni: 1,
-        vxlan_port: 8472,
-        ext_ifindex: 1,
-        ext_mac: [2, 0, 0, 0, 0xee, 0x11],
-        ..Default::default()
-    };
-    node.set(0, config, 0)?;
-    let mut peers: HashMap<_, [u8; 4], u32> = HashMap::try_from(ebpf.map_mut(PEERS_MAP).context("map")?)?;
-    peers.insert(peer.octets(), 1, 0)?;
-    let egress: &mut SchedClassifier = ebpf.program_mut("fl_pod_egress").context("program")?.try_into()?;
-    egress.load()?;
-    let ingress: &mut Xdp = ebpf.program_mut("fl_underlay_ingress").context("program")?.try_into()?;
-    ingress.load()?;
-
+    let ebpf = node_object(me, my_vtep, peer, peer_vtep)?;
     let pod = packet::udp4(
         [0xa, 0, 0, 0, 0, 2],
         [0xa, 0, 0, 0, 0, 1],

@@ -5,16 +5,21 @@
 use std::net::Ipv4Addr;
 
 use aya::{
-    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, PerCpuArray},
+    maps::PerCpuArray,
     programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
     Ebpf,
 };
-use flannel_agent::ebpf::object;
-use flannel_common::{LeaseEntry, LeaseKind, NodeConfig, Stat, LEASES_MAP, NODE_MAP, PEERS_MAP, STATS_MAP};
+use flannel_common::{Stat, STATS_MAP};
 use flannel_tests::{packet, require_root};
+
+#[path = "support/ebpf_node.rs"]
+mod ebpf_node;
+use ebpf_node::{node_object, EXT_MAC};
 
 const TC_ACT_OK: u32 = 0;
 const TC_ACT_REDIRECT: u32 = 7;
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
 const OUR_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 11);
 const PEER_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 12);
 const OUR_VTEP: [u8; 6] = [0x02, 0, 0, 0, 0, 0x11];
@@ -22,55 +27,10 @@ const PEER_VTEP: [u8; 6] = [0x02, 0, 0, 0, 0, 0x12];
 const POD_MAC: [u8; 6] = [0x0a, 0, 0, 0, 0, 0x02];
 const CNI0_MAC: [u8; 6] = [0x0a, 0, 0, 0, 0, 0x01];
 
-fn lease(public_ip: Ipv4Addr, kind: LeaseKind, vtep_mac: [u8; 6]) -> LeaseEntry {
-    LeaseEntry { public_ip: public_ip.octets(), vtep_mac, kind: kind as u8, _pad: 0, vni: 1 }
-}
-
-const XDP_DROP: u32 = 1;
-const XDP_PASS: u32 = 2;
-const EXT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0xee, 0x11];
-
-/// The object with our node (10.244.1.0/24, local), a vxlan peer (10.244.2.0/24) and a
-/// host-gw peer (10.244.3.0/24), and the egress program loaded.
+/// Our node as the tests see it: see [`node_object`].
 fn setup() -> Ebpf {
-    node_object(OUR_IP, OUR_VTEP, PEER_IP, PEER_VTEP)
-}
-
-/// An object configured as node `me` (VtepMAC `my_vtep`) with `peer` (`peer_vtep`) holding
-/// 10.244.2.0/24 and `me` holding 10.244.1.0/24; both programs loaded.
-fn node_object(me: Ipv4Addr, my_vtep: [u8; 6], peer: Ipv4Addr, peer_vtep: [u8; 6]) -> Ebpf {
     require_root().unwrap();
-    let mut ebpf = object::load_unpinned().unwrap();
-    {
-        let mut leases: LpmTrie<_, [u8; 4], LeaseEntry> = LpmTrie::try_from(ebpf.map_mut(LEASES_MAP).unwrap()).unwrap();
-        for (subnet, entry) in [
-            ([10, 244, 1, 0], lease(me, LeaseKind::Local, my_vtep)),
-            ([10, 244, 2, 0], lease(peer, LeaseKind::Vxlan, peer_vtep)),
-            ([10, 244, 3, 0], lease(Ipv4Addr::new(192, 0, 2, 13), LeaseKind::HostGw, [0; 6])),
-        ] {
-            leases.insert(&Key::new(24, subnet), entry, 0).unwrap();
-        }
-    }
-    {
-        let mut node: Array<_, NodeConfig> = Array::try_from(ebpf.map_mut(NODE_MAP).unwrap()).unwrap();
-        let config = NodeConfig {
-            public_ip: me.octets(),
-            vtep_mac: my_vtep,
-            vni: 1,
-            vxlan_port: 8472,
-            ext_ifindex: 1,
-            ext_mac: EXT_MAC,
-            ..Default::default()
-        };
-        node.set(0, config, 0).unwrap();
-        let mut peers: HashMap<_, [u8; 4], u32> = HashMap::try_from(ebpf.map_mut(PEERS_MAP).unwrap()).unwrap();
-        peers.insert(peer.octets(), 1, 0).unwrap();
-    }
-    let program: &mut SchedClassifier = ebpf.program_mut("fl_pod_egress").unwrap().try_into().unwrap();
-    program.load().unwrap();
-    let program: &mut Xdp = ebpf.program_mut("fl_underlay_ingress").unwrap().try_into().unwrap();
-    program.load().unwrap();
-    ebpf
+    node_object(OUR_IP, OUR_VTEP, PEER_IP, PEER_VTEP).unwrap()
 }
 
 fn run_xdp(ebpf: &Ebpf, frame: &[u8]) -> (u32, Vec<u8>) {
@@ -223,7 +183,7 @@ fn other_traffic_passes_untouched() {
 #[test]
 fn our_encapsulation_is_what_the_peer_decapsulates() {
     let us = setup();
-    let peer = node_object(PEER_IP, PEER_VTEP, OUR_IP, OUR_VTEP);
+    let peer = node_object(PEER_IP, PEER_VTEP, OUR_IP, OUR_VTEP).unwrap();
     let sent = pod_frame(Ipv4Addr::new(10, 244, 2, 3), 0);
     let (verdict, mut wire) = run(&us, &sent);
     assert_eq!(verdict, TC_ACT_REDIRECT);

@@ -44,28 +44,17 @@ pub fn run(suite: Suite) -> Result<()> {
     Prerequisites::ensure(Provision::Install)?;
     // The benchmarks drive the release binaries (agent, CNI plugin), found next to them.
     run_step("build agent (release)", cargo().args(["build", "--release", "--package", "flannel-agent", "--bins"]))?;
-    match suite {
-        Suite::ControlPlane(args) => {
-            let mut command = cargo();
-            command.args(["bench", "--package", "flannel-tests", "--bench", "control_plane", "--"]);
-            if args.quick {
-                command.arg("--quick");
-            }
-            if let Some(n) = args.leases {
-                command.args(["--leases", &n.to_string()]);
-            }
-            run_step("control-plane benchmark", &mut command)
-        }
-        Suite::Datapath(args) => {
-            let mut command = cargo();
-            command.args(["bench", "--package", "flannel-tests", "--bench", "datapath", "--"]);
-            if args.quick {
-                command.arg("--quick");
-            }
-            if let Some(n) = args.rounds {
-                command.args(["--rounds", &n.to_string()]);
-            }
-            run_step("datapath benchmark", &mut command)
-        }
+    let (bench, quick, extra) = match suite {
+        Suite::ControlPlane(args) => ("control_plane", args.quick, args.leases.map(|n| ("--leases", n))),
+        Suite::Datapath(args) => ("datapath", args.quick, args.rounds.map(|n| ("--rounds", n))),
+    };
+    let mut command = cargo();
+    command.args(["bench", "--package", "flannel-tests", "--bench", bench, "--"]);
+    if quick {
+        command.arg("--quick");
     }
+    if let Some((flag, n)) = extra {
+        command.args([flag, &n.to_string()]);
+    }
+    run_step(&format!("{bench} benchmark"), &mut command)
 }
