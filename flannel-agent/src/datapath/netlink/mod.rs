@@ -14,7 +14,10 @@
 
 pub mod kernel;
 
-use std::{collections::BTreeMap, net::Ipv4Addr};
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    net::Ipv4Addr,
+};
 
 use anyhow::{bail, Context, Result};
 use ipnet::Ipv4Net;
@@ -31,7 +34,7 @@ use crate::{
 pub const DEFAULT_VXLAN_PORT: u16 = 8472;
 
 /// What was installed for one remote subnet, so that exactly that can be removed.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 enum Installed {
     /// Route via the vxlan device plus neighbour and FDB entries.
     Vxlan { vtep_mac: Mac, public_ip: Ipv4Addr },
@@ -110,6 +113,15 @@ impl NetlinkDatapath {
         Ok(index)
     }
 
+    /// host-gw and vxlan DirectRouting decide per peer whether it is on our L2 segment.
+    fn needs_on_link_checks(&self) -> bool {
+        match self.local.as_ref().map(|l| &l.backend) {
+            Some(Backend::HostGw) => true,
+            Some(Backend::Vxlan(vxlan)) => vxlan.direct_routing,
+            _ => false,
+        }
+    }
+
     /// Decides how to reach `lease` from here.
     fn plan(&self, lease: &Lease, routes: &[Route]) -> Result<Option<Installed>> {
         let local = self.local()?;
@@ -181,28 +193,30 @@ impl NetlinkDatapath {
     /// The (subnet, entry) pairs the kernel holds completely: for vxlan the onlink route via
     /// `<subnet>.0` on our device plus the neighbour and the FDB entry; for a direct route the
     /// route via the PublicIP on the external interface.
-    async fn present_entries(&self, routes: &[Route]) -> Result<Vec<(Ipv4Net, Installed)>> {
+    async fn present_entries(&self, routes: &[Route]) -> Result<HashSet<(Ipv4Net, Installed)>> {
         let local = self.local()?;
-        let (mut neighbours, mut fdb) = (Vec::new(), Vec::new());
+        // Indexed, because this runs on every resync over every lease.
+        let mut neighbours: HashMap<Ipv4Addr, Mac> = HashMap::new();
+        let mut fdb: HashMap<Mac, Vec<Ipv4Addr>> = HashMap::new();
         if let Some(index) = self.vxlan_index {
             for entry in kernel::neighbours(&self.handle, index, false).await? {
                 neighbours.extend(kernel::neighbour_ip(&entry).zip(kernel::neighbour_mac(&entry)));
             }
             for entry in kernel::neighbours(&self.handle, index, true).await? {
-                fdb.extend(kernel::neighbour_mac(&entry).zip(kernel::neighbour_ip(&entry)));
+                if let (Some(mac), Some(dst)) = (kernel::neighbour_mac(&entry), kernel::neighbour_ip(&entry)) {
+                    fdb.entry(mac).or_default().push(dst);
+                }
             }
         }
-        let mut present = Vec::new();
+        let mut present = HashSet::new();
         for route in routes.iter().filter(|r| r.protocol == ROUTE_PROTOCOL) {
             let Some(gateway) = route.gateway else { continue };
             if route.oif == Some(local.external.index) {
-                present.push((route.dst, Installed::Direct { public_ip: gateway }));
+                present.insert((route.dst, Installed::Direct { public_ip: gateway }));
             } else if route.oif.is_some() && route.oif == self.vxlan_index && gateway == route.dst.network() {
-                for (ip, mac) in &neighbours {
-                    if *ip == gateway {
-                        for (_, dst) in fdb.iter().filter(|(m, _)| m == mac) {
-                            present.push((route.dst, Installed::Vxlan { vtep_mac: *mac, public_ip: *dst }));
-                        }
+                if let Some(mac) = neighbours.get(&gateway) {
+                    for dst in fdb.get(mac).into_iter().flatten() {
+                        present.insert((route.dst, Installed::Vxlan { vtep_mac: *mac, public_ip: *dst }));
                     }
                 }
             }
@@ -318,7 +332,9 @@ impl Datapath for NetlinkDatapath {
     async fn apply(&mut self, event: &LeaseEvent) -> Result<()> {
         match event {
             LeaseEvent::Added(lease) | LeaseEvent::Replaced { new: lease, .. } => {
-                let routes = kernel::routes(&self.handle).await?;
+                // The route table is only consulted for on-link checks; don't dump it per event
+                // when the backend needs none.
+                let routes = if self.needs_on_link_checks() { kernel::routes(&self.handle).await? } else { Vec::new() };
                 let planned = self.plan(lease, &routes)?;
                 if self.installed.get(&lease.subnet) != planned.as_ref() {
                     self.uninstall(lease.subnet).await?;
