@@ -2,7 +2,8 @@
 
 pub const STATS_MAP: &str = "fl_stats_v1";
 
-/// Slots of the per-CPU array; the agent names them in `inspect`.
+/// Slots of the per-CPU array; the agent names them in `inspect`. New counters take the
+/// next free number, so the map's layout (and name) survive additions.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Stat {
@@ -12,15 +13,45 @@ pub enum Stat {
     DropSpoofedSource = 1,
     /// VXLAN from a peer whose inner destination MAC is not our VtepMAC: dropped.
     DropWrongVtepMac = 2,
-    /// Pod traffic encapsulated towards a remote vxlan lease.
+    /// Pod or host traffic encapsulated towards a remote vxlan lease.
     Encapsulated = 3,
+    /// Pod or host traffic sent straight to a host-gw peer's PublicIP.
+    HostGwForwarded = 4,
+    /// Pod traffic to a remote lease with TTL ≤ 1: dropped (the stack answers nothing).
+    DropTtlExceeded = 5,
+    /// The packet could not be grown or rewritten for encapsulation: dropped.
+    DropEncapFailed = 6,
+    /// Pod → outside connections given a new masquerade mapping.
+    SnatNewMapping = 7,
+    /// Pod → outside packets translated to the node address.
+    SnatTranslated = 8,
+    /// Replies translated back to the pod.
+    SnatReplyTranslated = 9,
+    /// No free port in the masquerade range after the retries: dropped.
+    DropSnatNoPort = 10,
+    /// A mapping found with its reverse half evicted by the LRU, and restored.
+    SnatRestored = 11,
 }
 
-pub const STAT_SLOTS: u32 = 4;
+/// Capacity of the counters array (more than [`Stat::ALL`], so counters can be added without
+/// changing the map).
+pub const STAT_SLOTS: u32 = 32;
 
 impl Stat {
-    pub const ALL: [Stat; STAT_SLOTS as usize] =
-        [Stat::Decapsulated, Stat::DropSpoofedSource, Stat::DropWrongVtepMac, Stat::Encapsulated];
+    pub const ALL: [Stat; 12] = [
+        Stat::Encapsulated,
+        Stat::HostGwForwarded,
+        Stat::Decapsulated,
+        Stat::DropSpoofedSource,
+        Stat::DropWrongVtepMac,
+        Stat::DropTtlExceeded,
+        Stat::DropEncapFailed,
+        Stat::SnatNewMapping,
+        Stat::SnatTranslated,
+        Stat::SnatReplyTranslated,
+        Stat::DropSnatNoPort,
+        Stat::SnatRestored,
+    ];
 
     pub const fn name(self) -> &'static str {
         match self {
@@ -28,6 +59,14 @@ impl Stat {
             Stat::DropSpoofedSource => "drop-vxlan-unknown-source",
             Stat::DropWrongVtepMac => "drop-vxlan-wrong-vtep-mac",
             Stat::Encapsulated => "vxlan-encapsulated",
+            Stat::HostGwForwarded => "host-gw-forwarded",
+            Stat::DropTtlExceeded => "drop-ttl-exceeded",
+            Stat::DropEncapFailed => "drop-encap-failed",
+            Stat::SnatNewMapping => "snat-new-mapping",
+            Stat::SnatTranslated => "snat-translated",
+            Stat::SnatReplyTranslated => "snat-reply-translated",
+            Stat::DropSnatNoPort => "drop-snat-no-free-port",
+            Stat::SnatRestored => "snat-mapping-restored",
         }
     }
 }

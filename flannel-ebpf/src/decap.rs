@@ -6,33 +6,21 @@
 
 use aya_ebpf::{
     bindings::xdp_action::{XDP_ABORTED, XDP_DROP, XDP_PASS},
-    btf_maps::{HashMap, PerCpuArray},
     helpers::bpf_xdp_adjust_head,
-    macros::{btf_map, xdp},
+    macros::xdp,
     programs::XdpContext,
 };
-use flannel_common::{peers::PEERS_MAX_ENTRIES, stats::Stat, stats::STAT_SLOTS};
+use flannel_common::stats::Stat;
 
-use crate::vxlan::{ENCAP_LEN, NODE};
-
-#[btf_map(name = "fl_peers_v1")]
-pub static PEERS: HashMap<[u8; 4], u32, PEERS_MAX_ENTRIES> = HashMap::new();
-
-#[btf_map(name = "fl_stats_v1")]
-pub static STATS: PerCpuArray<u64, { STAT_SLOTS as usize }> = PerCpuArray::new();
+use crate::{
+    egress::ENCAP_LEN,
+    maps::{count, NODE, PEERS},
+};
 
 const ETH_HLEN: usize = 14;
 const UDP_OFF: usize = ETH_HLEN + 20;
 const VXLAN_OFF: usize = UDP_OFF + 8;
 const INNER_ETH_OFF: usize = VXLAN_OFF + 8;
-
-#[inline(always)]
-pub fn count(stat: Stat) {
-    if let Some(slot) = STATS.get_ptr_mut(stat as u32) {
-        // SAFETY: per-CPU slot, only this CPU writes it, no preemption inside a program.
-        unsafe { *slot += 1 };
-    }
-}
 
 /// `len` bytes at `offset`, bounds-checked against the packet.
 #[inline(always)]

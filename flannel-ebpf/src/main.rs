@@ -5,8 +5,8 @@
 
 mod counters;
 mod decap;
-mod leases;
-mod vxlan;
+mod egress;
+mod maps;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -1,6 +1,7 @@
-//! BPF_PROG_TEST_RUN unit tests of the pod-egress VXLAN encapsulation (`fl_pod_egress`):
-//! byte-exact outer headers as flannel's kernel vxlan writes them, and the pass-through
-//! decisions. Root only; fails loudly otherwise.
+//! BPF_PROG_TEST_RUN unit tests of the forwarding programs: VXLAN encapsulation
+//! (`fl_pod_egress`, `fl_host_egress`) with byte-exact outer headers as flannel's kernel vxlan
+//! writes them, host-gw forwarding, TTL handling and the pass-through decisions; VXLAN decap
+//! (`fl_underlay_ingress`) with its drops. Root only; fails loudly otherwise.
 
 use std::net::Ipv4Addr;
 
@@ -25,7 +26,10 @@ const PEER_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 12);
 const OUR_VTEP: [u8; 6] = [0x02, 0, 0, 0, 0, 0x11];
 const PEER_VTEP: [u8; 6] = [0x02, 0, 0, 0, 0, 0x12];
 const POD_MAC: [u8; 6] = [0x0a, 0, 0, 0, 0, 0x02];
-const CNI0_MAC: [u8; 6] = [0x0a, 0, 0, 0, 0, 0x01];
+/// The bridge's MAC as BPF_PROG_TEST_RUN sees it: frames are classified against the
+/// loopback device's all-zero address, so this is what makes them PACKET_HOST.
+const CNI0_MAC: [u8; 6] = [0; 6];
+const TC_ACT_SHOT: u32 = 2;
 
 /// Our node as the tests see it: see [`node_object`].
 fn setup() -> Ebpf {
@@ -47,9 +51,14 @@ fn stat(ebpf: &Ebpf, stat: Stat) -> u64 {
     stats.get(&(stat as u32), 0).unwrap().iter().sum()
 }
 
-/// Runs the program on `frame`; returns the verdict and the output frame.
+/// Runs `fl_pod_egress` (what pods send, bridge ingress) on `frame`; returns the verdict and
+/// the output frame.
 fn run(ebpf: &Ebpf, frame: &[u8]) -> (u32, Vec<u8>) {
-    let program: &SchedClassifier = ebpf.program("fl_pod_egress").unwrap().try_into().unwrap();
+    run_tc(ebpf, "fl_pod_egress", frame)
+}
+
+fn run_tc(ebpf: &Ebpf, name: &str, frame: &[u8]) -> (u32, Vec<u8>) {
+    let program: &SchedClassifier = ebpf.program(name).unwrap().try_into().unwrap();
     let mut out = vec![0u8; frame.len() + 128];
     let opts = TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), ..Default::default() };
     let result = program.test_run(opts).expect("BPF_PROG_TEST_RUN");
@@ -58,14 +67,30 @@ fn run(ebpf: &Ebpf, frame: &[u8]) -> (u32, Vec<u8>) {
 }
 
 fn pod_frame(dst: Ipv4Addr, tos: u8) -> Vec<u8> {
+    pod_frame_ttl(dst, tos, 64)
+}
+
+fn pod_frame_ttl(dst: Ipv4Addr, tos: u8, ttl: u8) -> Vec<u8> {
     let mut f = packet::udp4(POD_MAC, CNI0_MAC, Ipv4Addr::new(10, 244, 1, 2), dst, 40000, 5201, b"flannel-rs payload");
     f[packet::ETH_HLEN + 1] = tos;
-    // The IPv4 checksum must stay valid after changing the TOS byte.
+    f[packet::ETH_HLEN + 8] = ttl;
+    set_ipv4_checksum(&mut f);
+    f
+}
+
+/// What the stack's forwarding does to a routed packet: TTL − 1, checksum updated.
+fn forwarded(frame: &[u8]) -> Vec<u8> {
+    let mut f = frame.to_vec();
+    f[packet::ETH_HLEN + 8] -= 1;
+    set_ipv4_checksum(&mut f);
+    f
+}
+
+fn set_ipv4_checksum(f: &mut [u8]) {
     f[packet::ETH_HLEN + 10] = 0;
     f[packet::ETH_HLEN + 11] = 0;
     let c = packet::checksum(&f[packet::ETH_HLEN..packet::ETH_HLEN + packet::IPV4_HLEN]);
     f[packet::ETH_HLEN + 10..packet::ETH_HLEN + 12].copy_from_slice(&c.to_be_bytes());
-    f
 }
 
 #[test]
@@ -103,9 +128,10 @@ fn remote_vxlan_destination_is_encapsulated_byte_exactly() {
     expected.extend_from_slice(&PEER_VTEP);
     expected.extend_from_slice(&OUR_VTEP);
     expected.extend_from_slice(&[0x08, 0x00]);
-    // The pod's IPv4 packet, untouched.
-    expected.extend_from_slice(&inner[14..]);
+    // The pod's IPv4 packet, forwarded: TTL 63, checksum still valid.
+    expected.extend_from_slice(&forwarded(&inner)[14..]);
     assert_eq!(out, expected);
+    assert_eq!(packet::checksum(&out[64..84]), 0, "inner IPv4 checksum valid");
     assert_eq!(packet::checksum(&out[14..34]), 0, "outer IPv4 checksum valid");
     assert!((32768..61000).contains(&sport), "source port {sport} in the kernel vxlan range");
 
@@ -115,15 +141,51 @@ fn remote_vxlan_destination_is_encapsulated_byte_exactly() {
 }
 
 #[test]
-fn local_host_gw_external_and_non_ipv4_traffic_pass_untouched() {
+fn host_traffic_is_encapsulated_without_a_ttl_change() {
     let ebpf = setup();
-    for dst in [Ipv4Addr::new(10, 244, 1, 3), Ipv4Addr::new(10, 244, 3, 3), Ipv4Addr::new(203, 0, 113, 10)] {
+    let sent = pod_frame(Ipv4Addr::new(10, 244, 2, 3), 0);
+    let (verdict, out) = run_tc(&ebpf, "fl_host_egress", &sent);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(&out[64..], &sent[14..], "already routed by the stack: the inner packet is untouched");
+}
+
+#[test]
+fn host_gw_destination_is_forwarded_to_the_peer_with_the_ttl_decremented() {
+    let ebpf = setup();
+    let frame = pod_frame(Ipv4Addr::new(10, 244, 3, 3), 0);
+    let (verdict, out) = run(&ebpf, &frame);
+    assert_eq!((verdict, out), (TC_ACT_REDIRECT, forwarded(&frame)));
+    assert_eq!(stat(&ebpf, Stat::HostGwForwarded), 1);
+    let (verdict, out) = run_tc(&ebpf, "fl_host_egress", &frame);
+    assert_eq!((verdict, out), (TC_ACT_REDIRECT, frame));
+    assert_eq!(stat(&ebpf, Stat::Encapsulated), 0);
+}
+
+#[test]
+fn pod_traffic_at_ttl_one_is_dropped_and_counted() {
+    let ebpf = setup();
+    for dst in [Ipv4Addr::new(10, 244, 2, 3), Ipv4Addr::new(10, 244, 3, 3)] {
+        assert_eq!(run(&ebpf, &pod_frame_ttl(dst, 0, 1)).0, TC_ACT_SHOT, "{dst}");
+    }
+    assert_eq!(stat(&ebpf, Stat::DropTtlExceeded), 2);
+    assert_eq!(stat(&ebpf, Stat::Encapsulated) + stat(&ebpf, Stat::HostGwForwarded), 0);
+}
+
+#[test]
+fn local_external_bridged_and_non_ipv4_traffic_pass_untouched() {
+    let ebpf = setup();
+    for dst in [Ipv4Addr::new(10, 244, 1, 3), Ipv4Addr::new(203, 0, 113, 10)] {
         let frame = pod_frame(dst, 0);
         assert_eq!(run(&ebpf, &frame), (TC_ACT_OK, frame.clone()), "{dst}");
     }
     let mut arp = pod_frame(Ipv4Addr::new(10, 244, 2, 3), 0);
     arp[12..14].copy_from_slice(&[0x08, 0x06]);
     assert_eq!(run(&ebpf, &arp), (TC_ACT_OK, arp.clone()));
+    // A frame for another MAC (PACKET_OTHERHOST, the bridge in promiscuous mode) is not ours
+    // to route, even to a remote lease.
+    let mut other_host = pod_frame(Ipv4Addr::new(10, 244, 2, 3), 0);
+    other_host[0..6].copy_from_slice(&[0x0a, 0, 0, 0, 0, 0x07]);
+    assert_eq!(run(&ebpf, &other_host), (TC_ACT_OK, other_host.clone()));
 }
 
 /// The pod packet the peer sends us, inside the VXLAN frame its kernel vxlan device builds.
@@ -193,6 +255,6 @@ fn our_encapsulation_is_what_the_peer_decapsulates() {
     // On the peer our PublicIP is a lease holder and 10.244.1.0/24 is ours.
     let (verdict, received) = run_xdp(&peer, &wire);
     assert_eq!(verdict, XDP_PASS);
-    assert_eq!(&received[14..], &sent[14..], "the pod's packet arrives unchanged");
+    assert_eq!(&received[14..], &forwarded(&sent)[14..], "the pod's packet arrives as routed once");
     assert_eq!(&received[6..12], &OUR_VTEP, "inner source MAC is our VtepMAC");
 }

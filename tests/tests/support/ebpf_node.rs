@@ -20,8 +20,7 @@ pub fn lease(public_ip: Ipv4Addr, kind: LeaseKind, vtep_mac: [u8; 6]) -> LeaseEn
 
 /// Node `me` (VtepMAC `my_vtep`, subnet 10.244.1.0/24) with `peer` (`peer_vtep`) holding
 /// 10.244.2.0/24 over vxlan and a host-gw peer holding 10.244.3.0/24; VNI 1, port 8472,
-/// external interface index 1 with MAC [`EXT_MAC`]; `fl_pod_egress` and
-/// `fl_underlay_ingress` loaded.
+/// external interface index 1 with MAC [`EXT_MAC`]; the forwarding programs loaded.
 pub fn node_object(me: Ipv4Addr, my_vtep: [u8; 6], peer: Ipv4Addr, peer_vtep: [u8; 6]) -> anyhow::Result<Ebpf> {
     let mut ebpf = object::load_unpinned()?;
     let mut leases: LpmTrie<_, [u8; 4], LeaseEntry> = LpmTrie::try_from(ebpf.map_mut(LEASES_MAP).expect("map"))?;
@@ -45,8 +44,10 @@ pub fn node_object(me: Ipv4Addr, my_vtep: [u8; 6], peer: Ipv4Addr, peer_vtep: [u
     node.set(0, config, 0)?;
     let mut peers: HashMap<_, [u8; 4], u32> = HashMap::try_from(ebpf.map_mut(PEERS_MAP).expect("map"))?;
     peers.insert(peer.octets(), 1, 0)?;
-    let egress: &mut SchedClassifier = ebpf.program_mut("fl_pod_egress").expect("program").try_into()?;
-    egress.load()?;
+    for name in ["fl_pod_egress", "fl_host_egress"] {
+        let egress: &mut SchedClassifier = ebpf.program_mut(name).expect("program").try_into()?;
+        egress.load()?;
+    }
     let ingress: &mut Xdp = ebpf.program_mut("fl_underlay_ingress").expect("program").try_into()?;
     ingress.load()?;
     Ok(ebpf)

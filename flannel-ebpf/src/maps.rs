@@ -1,0 +1,37 @@
+//! The maps the forwarding programs share, all BTF-defined and pinned by the agent under
+//! `--bpf-pin-path/maps` (their layouts live in `flannel-common`).
+
+use aya_ebpf::{
+    btf_maps::{Array, HashMap, LpmTrie, PerCpuArray},
+    macros::btf_map,
+};
+use flannel_common::{
+    leases::{LeaseEntry, LEASES_MAX_ENTRIES},
+    node::NodeConfig,
+    peers::PEERS_MAX_ENTRIES,
+    stats::{Stat, STAT_SLOTS},
+};
+
+/// Subnet → how to reach it; written by the agent from etcd.
+#[btf_map(name = "fl_leases_v1")]
+pub static LEASES: LpmTrie<[u8; 4], LeaseEntry, LEASES_MAX_ENTRIES> = LpmTrie::new();
+
+/// This node's own settings (one entry).
+#[btf_map(name = "fl_node_v1")]
+pub static NODE: Array<NodeConfig, 1> = Array::new();
+
+/// PublicIPs holding a vxlan lease: the only accepted VXLAN sources.
+#[btf_map(name = "fl_peers_v1")]
+pub static PEERS: HashMap<[u8; 4], u32, PEERS_MAX_ENTRIES> = HashMap::new();
+
+/// Per-CPU packet counters per path and drop reason.
+#[btf_map(name = "fl_stats_v1")]
+pub static STATS: PerCpuArray<u64, { STAT_SLOTS as usize }> = PerCpuArray::new();
+
+#[inline(always)]
+pub fn count(stat: Stat) {
+    if let Some(slot) = STATS.get_ptr_mut(stat as u32) {
+        // SAFETY: per-CPU slot, only this CPU writes it, no preemption inside a program.
+        unsafe { *slot += 1 };
+    }
+}
