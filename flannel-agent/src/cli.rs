@@ -135,6 +135,11 @@ pub struct DaemonArgs {
     /// auto (eBPF where it loads, netlink otherwise).
     #[arg(long, env = "FLANNELD_DATAPATH", value_enum, default_value_t = DatapathKind::Auto)]
     pub datapath: DatapathKind,
+
+    /// eBPF datapath: the bridge the CNI plugin attaches pods to (the flannel CNI plugin's
+    /// default is cni0). Pod traffic is forwarded from its ingress once it exists.
+    #[arg(long, env = "FLANNELD_POD_BRIDGE", default_value = "cni0")]
+    pub pod_bridge: String,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]

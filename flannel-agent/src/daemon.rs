@@ -11,7 +11,11 @@ use crate::{
     cli::{DaemonArgs, DatapathKind},
     config::{Backend, NetworkConfig},
     control::{self, ControlPlane, Settings},
-    datapath::{ebpf_leases::EbpfLeaseMap, netlink::NetlinkDatapath, Datapath, LocalNode},
+    datapath::{
+        ebpf::{self as ebpf_datapath, EbpfDatapath, EbpfOptions},
+        netlink::NetlinkDatapath,
+        Datapath, LocalNode,
+    },
     etcd::{EtcdOptions, Registry},
     health::{self, Readiness},
     iface::{self, IfaceSelection},
@@ -89,30 +93,40 @@ pub async fn run(options: DaemonOptions) -> Result<()> {
         renew_margin: Duration::from_secs(u64::from(args.subnet_lease_renew_margin) * 60),
     };
     let node = Node { registry, settings, local, masq, readiness };
+    let ebpf_options = EbpfOptions { pin_root: options.bpf_pin_path.clone(), pod_bridge: args.pod_bridge.clone() };
     match args.datapath {
         DatapathKind::Ebpf => {
-            let datapath = EbpfLeaseMap::open(&options.bpf_pin_path)
-                .context("--datapath ebpf: the eBPF datapath cannot be loaded")?;
-            tracing::warn!(
-                "--datapath ebpf: this build keeps the eBPF lease map in step with etcd but has no eBPF forwarding \
-                 programs yet; pod traffic is not forwarded in this mode"
-            );
+            let datapath =
+                EbpfDatapath::open(ebpf_options).context("--datapath ebpf: the eBPF datapath cannot be loaded")?;
+            tracing::info!("--datapath ebpf: forwarding with TC/XDP programs");
             run_with(node, datapath, args, &shutdown).await
         }
-        DatapathKind::Auto => {
-            tracing::info!(
-                "--datapath auto: using the netlink (flannel-classic) datapath: this build has no eBPF forwarding \
-                 programs yet"
-            );
-            let datapath = NetlinkDatapath::new()?;
-            run_with(node, datapath, args, &shutdown).await
-        }
+        DatapathKind::Auto => match EbpfDatapath::open(ebpf_options.clone()) {
+            Ok(datapath) => {
+                tracing::info!("--datapath auto: the eBPF programs loaded; forwarding with TC/XDP programs");
+                run_with(node, datapath, args, &shutdown).await
+            }
+            Err(error) => {
+                tracing::warn!(
+                    "--datapath auto: the eBPF datapath cannot be used here ({error:#}); falling back to the netlink \
+                     (flannel-classic) datapath"
+                );
+                run_netlink(node, args, &ebpf_options, &shutdown).await
+            }
+        },
         DatapathKind::Netlink => {
             tracing::info!("--datapath netlink: programming the classic flannel datapath (vxlan device, routes, FDB)");
-            let datapath = NetlinkDatapath::new()?;
-            run_with(node, datapath, args, &shutdown).await
+            run_netlink(node, args, &ebpf_options, &shutdown).await
         }
     }
+}
+
+/// The classic datapath, after removing what an earlier eBPF run left attached (its programs
+/// would otherwise keep forwarding around the vxlan device).
+async fn run_netlink(node: Node, args: &DaemonArgs, ebpf: &EbpfOptions, shutdown: &Shutdown) -> Result<()> {
+    ebpf_datapath::remove(&ebpf.pin_root, &node.local.external.name, &ebpf.pod_bridge).await?;
+    let datapath = NetlinkDatapath::new()?;
+    run_with(node, datapath, args, shutdown).await
 }
 
 /// Everything known about this node before its lease is acquired.

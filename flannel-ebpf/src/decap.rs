@@ -33,7 +33,7 @@ fn bytes<const N: usize>(ctx: &XdpContext, offset: usize) -> Option<[u8; N]> {
     Some(unsafe { core::ptr::read_unaligned(start as *const [u8; N]) })
 }
 
-#[xdp]
+#[xdp(frags)]
 pub fn fl_underlay_ingress(ctx: XdpContext) -> u32 {
     match decapsulate(&ctx) {
         Some(action) => action,

@@ -17,7 +17,8 @@ use flannel_agent::{
     config,
     control::{ControlPlane, Settings},
     daemon::derived_vtep_mac,
-    datapath::{ebpf_leases::EbpfLeaseMap, Datapath, LeaseEvent, LocalNode},
+    datapath::{ebpf::table::LeaseTable, Datapath, LeaseEvent, LocalNode},
+    ebpf::object,
     etcd::{EtcdOptions, Registry},
     iface::ExternalInterface,
     subnet::{BackendData, Lease, LeaseAttrs, VxlanBackendData},
@@ -139,6 +140,35 @@ impl Datapath for CountingDatapath {
     }
 }
 
+/// The eBPF datapath's per-lease work alone: the pinned lease and peers maps.
+struct LeaseMaps(LeaseTable);
+
+impl LeaseMaps {
+    fn open(pin_root: &std::path::Path) -> Result<LeaseMaps> {
+        let maps = pin_root.join("maps");
+        std::fs::create_dir_all(&maps)?;
+        Ok(LeaseMaps(LeaseTable::take(&mut object::load_pinned(&maps)?)?))
+    }
+}
+
+impl Datapath for LeaseMaps {
+    fn name(&self) -> &'static str {
+        "ebpf-maps"
+    }
+    fn pod_mtu(&self, local: &LocalNode) -> u32 {
+        local.external.mtu
+    }
+    async fn set_local(&mut self, local: &LocalNode) -> Result<()> {
+        self.0.set_local(local)
+    }
+    async fn reconcile(&mut self, leases: &[Lease]) -> Result<()> {
+        self.0.reconcile(leases)
+    }
+    async fn apply(&mut self, event: &LeaseEvent) -> Result<()> {
+        self.0.apply(event)
+    }
+}
+
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
     v[v.len() / 2]
@@ -198,11 +228,11 @@ async fn main() -> Result<()> {
         let bpffs = PrivateBpffs::mount()?;
         let ip = Ipv4Addr::new(192, 0, 2, 100 + round as u8);
         let started = Instant::now();
-        let datapath = EbpfLeaseMap::open(&bpffs.path().join("flannel"))?;
+        let datapath = LeaseMaps::open(&bpffs.path().join("flannel"))?;
         let plane =
             ControlPlane::start(registry(&endpoint).await?, settings(ip), local_node(ip), None, datapath).await?;
         to_map.push(started.elapsed());
-        let entries = plane.datapath().entries()?.len();
+        let entries = plane.datapath().0.entries()?.len();
         let in_etcd = registry(&endpoint).await?.list_leases().await?.kvs.len();
         anyhow::ensure!(entries == in_etcd, "lease map holds {entries} entries, etcd {in_etcd} leases");
     }

@@ -1,8 +1,10 @@
 //! The one interface between the control plane and a datapath. The control plane owns the
-//! truth (etcd); a datapath makes the kernel match it. Implementations: the eBPF lease map
-//! ([`ebpf_leases`]); the netlink (flannel-classic) datapath implements the same trait.
+//! truth (etcd); a datapath makes the kernel match it. Implementations: the eBPF datapath
+//! ([`ebpf`]: programs on the interfaces, state in pinned maps) and the netlink
+//! (flannel-classic) datapath ([`netlink`]: vxlan device, FDB, neighbours, routes).
 
-pub mod ebpf_leases;
+pub mod ebpf;
+pub mod kernel;
 pub mod netlink;
 
 use std::{future::Future, net::Ipv4Addr};
@@ -25,6 +27,19 @@ pub struct LocalNode {
     pub backend: Backend,
     /// Our VTEP MAC when the backend is vxlan.
     pub vtep_mac: Option<Mac>,
+}
+
+/// VXLAN's outer headers: 14 Ethernet + 20 IPv4 + 8 UDP + 8 VXLAN.
+pub const VXLAN_OVERHEAD: u32 = 50;
+
+/// FLANNEL_MTU as flanneld computes it: for vxlan, the underlay MTU (the backend's `MTU`
+/// option, else the external interface's) minus the 50 bytes of outer headers; otherwise
+/// the external interface's MTU.
+pub fn pod_mtu(local: &LocalNode) -> u32 {
+    match &local.backend {
+        Backend::Vxlan(v) => if v.mtu > 0 { v.mtu } else { local.external.mtu }.saturating_sub(VXLAN_OVERHEAD),
+        _ => local.external.mtu,
+    }
 }
 
 /// A change to another node's lease.

@@ -8,25 +8,19 @@
 
 use std::{
     collections::BTreeMap,
-    io,
     path::{Path, PathBuf},
 };
 
 use anyhow::{bail, Context, Result};
-use aya::{
-    maps::{Map, MapData, PerCpuHashMap},
-    programs::{
-        links::{FdLink, PinnedLink},
-        tc::SchedClassifierLink,
-        xdp::XdpLink,
-        SchedClassifier, TcAttachType, Xdp, XdpMode,
-    },
-    Ebpf,
-};
+use aya::maps::{Map, MapData, PerCpuHashMap};
 use flannel_common::{Direction, IfaceCounterKey, PacketCounter, COUNTERS_MAP};
 use serde::Serialize;
 
-use super::{bpffs, object};
+use super::{
+    bpffs,
+    links::{self, Hook},
+    object,
+};
 
 pub const XDP_PROGRAM: &str = "fl_count_xdp";
 pub const TC_PROGRAM: &str = "fl_count_tc";
@@ -35,89 +29,7 @@ pub fn maps_dir(pin_root: &Path) -> PathBuf {
     pin_root.join("maps")
 }
 
-pub fn links_dir(pin_root: &Path, interface: &str) -> PathBuf {
-    pin_root.join("links").join(interface)
-}
-
-/// A program that can be attached to an interface through a bpf_link, and swapped inside an
-/// existing link.
-trait LinkAttach {
-    type Link: TryFrom<FdLink, Error = aya::programs::links::LinkError>;
-    fn attach_new(&mut self, interface: &str) -> Result<FdLink>;
-    fn replace_in(&mut self, link: Self::Link) -> Result<()>;
-}
-
-impl LinkAttach for Xdp {
-    type Link = XdpLink;
-    fn attach_new(&mut self, interface: &str) -> Result<FdLink> {
-        let id = self.attach(interface, XdpMode::default()).with_context(|| format!("attaching XDP to {interface}"))?;
-        let link = self.take_link(id)?;
-        FdLink::try_from(link)
-            .with_context(|| format!("XDP on {interface} was attached without a bpf_link (kernel too old?)"))
-    }
-    fn replace_in(&mut self, link: XdpLink) -> Result<()> {
-        let id = self.attach_to_link(link)?;
-        // The pin keeps the link alive; our handle can go.
-        drop(self.take_link(id)?);
-        Ok(())
-    }
-}
-
-impl LinkAttach for SchedClassifier {
-    type Link = SchedClassifierLink;
-    fn attach_new(&mut self, interface: &str) -> Result<FdLink> {
-        // On kernels >= 6.6 aya attaches through TCX, which gives a pinnable bpf_link.
-        let id = self
-            .attach(interface, TcAttachType::Egress)
-            .with_context(|| format!("attaching TC egress to {interface}"))?;
-        let link = self.take_link(id)?;
-        FdLink::try_from(link)
-            .with_context(|| format!("TC on {interface} was attached without a TCX link (needs Linux >= 6.6)"))
-    }
-    fn replace_in(&mut self, link: SchedClassifierLink) -> Result<()> {
-        let id = self.attach_to_link(link)?;
-        drop(self.take_link(id)?);
-        Ok(())
-    }
-}
-
-/// Attaches `program` to `interface` under the link pin `pin`: if the pin holds a live link,
-/// the program is replaced inside it atomically; otherwise a new link is made and pinned.
-fn attach_pinned<P: LinkAttach>(program: &mut P, interface: &str, pin: &Path) -> Result<()> {
-    match PinnedLink::from_pin(pin) {
-        Ok(pinned) => {
-            let replaced = P::Link::try_from(FdLink::from(pinned))
-                .map_err(anyhow::Error::from)
-                .and_then(|link| program.replace_in(link));
-            match replaced {
-                Ok(()) => {
-                    tracing::info!(interface, pin = %pin.display(), "replaced the program in the existing link");
-                    return Ok(());
-                }
-                Err(error) => {
-                    // Typically ENOLINK: the interface was deleted (or recreated) since.
-                    tracing::warn!(interface, pin = %pin.display(), error = format!("{error:#}"), "pinned link is unusable; attaching anew");
-                    std::fs::remove_file(pin).with_context(|| format!("removing stale link pin {}", pin.display()))?;
-                }
-            }
-        }
-        Err(aya::programs::links::LinkError::SyscallError(e)) if e.io_error.kind() == io::ErrorKind::NotFound => {}
-        Err(error) => return Err(error).with_context(|| format!("opening link pin {}", pin.display())),
-    }
-    let link = program.attach_new(interface)?;
-    link.pin(pin).with_context(|| format!("pinning link at {}", pin.display()))?;
-    tracing::info!(interface, pin = %pin.display(), "attached and pinned");
-    Ok(())
-}
-
-fn program_mut<'a, P>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut P>
-where
-    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
-{
-    let program =
-        ebpf.program_mut(name).with_context(|| format!("program {name} is not in the embedded eBPF object"))?;
-    program.try_into().with_context(|| format!("program {name} has an unexpected type"))
-}
+pub use super::links::links_dir;
 
 /// Loads the counter programs and attaches them to `interface` (XDP ingress, TC egress),
 /// with the counters map and both links pinned under `pin_root`. On failure nothing new is
@@ -144,29 +56,12 @@ fn attach_inner(interface: &str, pin_root: &Path, links: &Path) -> Result<()> {
     bpffs::ensure_pin_dir(&maps)?;
     bpffs::ensure_pin_dir(links)?;
     let mut ebpf = object::load_pinned(&maps)?;
-
-    let xdp: &mut Xdp = program_mut(&mut ebpf, XDP_PROGRAM)?;
-    xdp.load().context("loading fl_count_xdp into the kernel (verifier)")?;
-    attach_pinned(xdp, interface, &links.join(XDP_PROGRAM))?;
-
-    let tc: &mut SchedClassifier = program_mut(&mut ebpf, TC_PROGRAM)?;
-    tc.load().context("loading fl_count_tc into the kernel (verifier)")?;
-    attach_pinned(tc, interface, &links.join(TC_PROGRAM))?;
+    links::attach(&mut ebpf, XDP_PROGRAM, interface, Hook::Xdp, pin_root)?;
+    links::attach(&mut ebpf, TC_PROGRAM, interface, Hook::TcEgress, pin_root)?;
     Ok(())
 }
 
-/// The index of `interface` in the caller's network namespace.
-pub fn interface_index(interface: &str) -> Result<u32> {
-    if interface.is_empty() || interface.len() >= libc::IF_NAMESIZE || interface.contains(['/', '\0']) {
-        bail!("invalid interface name {interface:?}");
-    }
-    let c_name = std::ffi::CString::new(interface)?;
-    // SAFETY: c_name is NUL-terminated.
-    match unsafe { libc::if_nametoindex(c_name.as_ptr()) } {
-        0 => bail!("interface {interface:?} does not exist in this network namespace"),
-        index => Ok(index),
-    }
-}
+pub use super::links::interface_index;
 
 /// Removes the map pins and directories once no interface has links left.
 fn remove_unused_pins(pin_root: &Path) {

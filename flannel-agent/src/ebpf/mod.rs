@@ -2,4 +2,5 @@
 
 pub mod bpffs;
 pub mod counters;
+pub mod links;
 pub mod object;

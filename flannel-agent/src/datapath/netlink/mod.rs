@@ -12,8 +12,6 @@
 //! Everything is a replace, and reconcile only removes entries it recognises as its own (our
 //! route protocol, our device), so an agent restart changes nothing in the kernel.
 
-pub mod kernel;
-
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
     net::Ipv4Addr,
@@ -23,8 +21,10 @@ use anyhow::{bail, Context, Result};
 use ipnet::Ipv4Net;
 use rtnetlink::Handle;
 
-use self::kernel::{Route, VxlanSpec, ROUTE_PROTOCOL};
-use super::{ebpf_leases::pod_mtu, Datapath, LeaseEvent, LocalNode};
+use super::{
+    kernel::{self, Route, VxlanSpec, ROUTE_PROTOCOL},
+    pod_mtu, Datapath, LeaseEvent, LocalNode,
+};
 use crate::{
     config::{Backend, VxlanConfig},
     subnet::{lease::Mac, Lease},

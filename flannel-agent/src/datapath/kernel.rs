@@ -1,5 +1,5 @@
-//! Thin, typed helpers over rtnetlink for the few kernel objects flannel's classic datapath
-//! uses: links, addresses, routes, neighbours and bridge FDB entries. Every mutation is a
+//! Thin, typed helpers over rtnetlink for the few kernel objects the datapaths use: links,
+//! addresses, routes, neighbours and bridge FDB entries. Every mutation is a
 //! replace (idempotent), so re-applying state after an agent restart changes nothing.
 
 use std::net::{IpAddr, Ipv4Addr};
@@ -12,10 +12,10 @@ use rtnetlink::{
         address::AddressAttribute,
         link::{InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage},
         neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState},
-        route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol},
+        route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteScope},
         AddressFamily,
     },
-    Handle, LinkUnspec, LinkVxlan, RouteMessageBuilder,
+    Handle, LinkUnspec, LinkVeth, LinkVxlan, RouteMessageBuilder,
 };
 
 use crate::subnet::lease::Mac;
@@ -49,6 +49,62 @@ async fn link_message(handle: &Handle, name: &str) -> Result<Option<LinkMessage>
         Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(None),
         Err(error) => Err(error).with_context(|| format!("looking up link {name}")),
     }
+}
+
+/// The MAC address of link `index`.
+pub async fn link_mac(handle: &Handle, index: u32) -> Result<Mac> {
+    let link = handle
+        .link()
+        .get()
+        .match_index(index)
+        .execute()
+        .try_next()
+        .await
+        .with_context(|| format!("looking up link {index}"))?
+        .with_context(|| format!("link {index} does not exist"))?;
+    link.attributes
+        .iter()
+        .find_map(|a| match a {
+            LinkAttribute::Address(a) if a.len() == 6 => Some(Mac([a[0], a[1], a[2], a[3], a[4], a[5]])),
+            _ => None,
+        })
+        .with_context(|| format!("link {index} has no Ethernet address"))
+}
+
+/// True when link `name` exists and is a veth.
+pub async fn is_veth(handle: &Handle, name: &str) -> Result<bool> {
+    let Some(link) = link_message(handle, name).await? else { return Ok(false) };
+    Ok(link.attributes.iter().any(|a| {
+        matches!(a, LinkAttribute::LinkInfo(infos) if infos.iter().any(|i| matches!(i, LinkInfo::Kind(InfoKind::Veth))))
+    }))
+}
+
+/// `ip link add <name> type veth peer name <peer>`.
+pub async fn create_veth(handle: &Handle, name: &str, peer: &str) -> Result<()> {
+    handle
+        .link()
+        .add(LinkVeth::new(name, peer).build())
+        .execute()
+        .await
+        .with_context(|| format!("creating veth pair {name}/{peer}"))
+}
+
+/// MTU, ARP on/off and up, in one request.
+pub async fn set_link_up(handle: &Handle, index: u32, mtu: u32, arp: bool) -> Result<()> {
+    let message = LinkUnspec::new_with_index(index).mtu(mtu).arp(arp).up().build();
+    handle.link().set(message).execute().await.with_context(|| format!("setting MTU {mtu}/up on link {index}"))
+}
+
+/// `ip route replace <dst> dev <index> src <src> scope link proto 200`.
+pub async fn replace_device_route(handle: &Handle, dst: Ipv4Net, index: u32, src: Ipv4Addr) -> Result<()> {
+    let message = RouteMessageBuilder::<Ipv4Addr>::new()
+        .destination_prefix(dst.network(), dst.prefix_len())
+        .output_interface(index)
+        .pref_source(src)
+        .scope(RouteScope::Link)
+        .protocol(RouteProtocol::from(ROUTE_PROTOCOL))
+        .build();
+    handle.route().add(message).replace().execute().await.with_context(|| format!("route {dst} dev {index} src {src}"))
 }
 
 /// The vxlan attributes of link `name`, or None when it does not exist or is not vxlan.

@@ -1,0 +1,250 @@
+//! The eBPF datapath: flannel's forwarding done by our programs instead of the vxlan device,
+//! the route table and (later) iptables.
+//!
+//! | program               | hook                       | job                                    |
+//! |-----------------------|----------------------------|----------------------------------------|
+//! | `fl_pod_egress`       | TC ingress of the pod bridge | pods → remote subnets: encap / host-gw |
+//! | `fl_host_egress`      | TC egress of `fl_host`       | the node → remote subnets, same        |
+//! | `fl_underlay_ingress` | XDP on the external interface | VXLAN from lease holders: decap       |
+//!
+//! State lives in pinned maps under `<--bpf-pin-path>/maps` (see [`table`] and `fl_node_v1`),
+//! links under `<--bpf-pin-path>/links/<interface>/<program>`. A restarted agent reuses the
+//! maps, reconciles them with etcd (mark and sweep) and swaps its programs into the pinned
+//! links, so forwarding never stops.
+
+pub mod host;
+pub mod table;
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{bail, Context, Result};
+use aya::{
+    maps::{Array, MapData},
+    programs::{SchedClassifier, Xdp},
+    Ebpf,
+};
+use flannel_common::{NodeConfig, NODE_MAP};
+use rtnetlink::Handle;
+
+use self::{
+    host::{HOST_DEVICE, HOST_PEER},
+    table::LeaseTable,
+};
+use super::{kernel, netlink::DEFAULT_VXLAN_PORT, pod_mtu, Datapath, LeaseEvent, LocalNode};
+use crate::{
+    config::Backend,
+    ebpf::{
+        bpffs,
+        links::{self, Hook},
+        object,
+    },
+    subnet::Lease,
+};
+
+pub const POD_EGRESS: &str = "fl_pod_egress";
+pub const HOST_EGRESS: &str = "fl_host_egress";
+pub const UNDERLAY_INGRESS: &str = "fl_underlay_ingress";
+
+/// TCX links, which make TC programs pinnable and atomically replaceable, came in 6.6.
+const MIN_KERNEL: (u32, u32) = (6, 6);
+
+#[derive(Clone, Debug)]
+pub struct EbpfOptions {
+    /// `--bpf-pin-path`: maps and links are pinned below it.
+    pub pin_root: PathBuf,
+    /// The bridge pods are attached to (the CNI bridge, `cni0` by default).
+    pub pod_bridge: String,
+}
+
+pub struct EbpfDatapath {
+    handle: Handle,
+    options: EbpfOptions,
+    ebpf: Ebpf,
+    table: LeaseTable,
+    node: Array<MapData, NodeConfig>,
+    local: Option<LocalNode>,
+    /// (interface, program) → the interface index it was attached at by this process.
+    attached: BTreeMap<(String, &'static str), u32>,
+    classic_removed: bool,
+}
+
+impl EbpfDatapath {
+    /// Loads the programs (the verifier runs now, so a kernel that cannot run them fails here,
+    /// before anything is changed) with the maps pinned under the pin root.
+    pub fn open(options: EbpfOptions) -> Result<EbpfDatapath> {
+        check_kernel()?;
+        let maps = options.pin_root.join("maps");
+        bpffs::ensure_pin_dir(&maps)?;
+        let mut ebpf = object::load_pinned(&maps)?;
+        links::loaded::<SchedClassifier>(&mut ebpf, POD_EGRESS)?;
+        links::loaded::<SchedClassifier>(&mut ebpf, HOST_EGRESS)?;
+        links::loaded::<Xdp>(&mut ebpf, UNDERLAY_INGRESS)?;
+        let table = LeaseTable::take(&mut ebpf)?;
+        let node = ebpf.take_map(NODE_MAP).with_context(|| format!("map {NODE_MAP} is not in the eBPF object"))?;
+        let node = Array::try_from(node).with_context(|| format!("{NODE_MAP} is not an array"))?;
+        let (connection, handle, _) = rtnetlink::new_connection().context("opening an rtnetlink socket")?;
+        tokio::spawn(connection);
+        Ok(EbpfDatapath {
+            handle,
+            options,
+            ebpf,
+            table,
+            node,
+            local: None,
+            attached: BTreeMap::new(),
+            classic_removed: false,
+        })
+    }
+
+    pub fn table(&self) -> &LeaseTable {
+        &self.table
+    }
+
+    async fn write_node_config(&mut self, local: &LocalNode) -> Result<()> {
+        let ext_mac = kernel::link_mac(&self.handle, local.external.index).await?;
+        let (vni, vxlan_port) = match &local.backend {
+            Backend::Vxlan(v) => (v.vni, if v.port == 0 { DEFAULT_VXLAN_PORT } else { v.port }),
+            _ => (0, 0),
+        };
+        let config = NodeConfig {
+            public_ip: local.public_ip.octets(),
+            vtep_mac: local.vtep_mac.map(|m| m.0).unwrap_or_default(),
+            vni,
+            vxlan_port,
+            ext_ifindex: local.external.index,
+            ext_mac: ext_mac.0,
+            ..Default::default()
+        };
+        if self.node.get(&0, 0).ok() != Some(config) {
+            self.node.set(0, config, 0).with_context(|| format!("writing {NODE_MAP}"))?;
+            tracing::info!(?config, "node settings written");
+        }
+        Ok(())
+    }
+
+    /// Attaches `program` at `hook` of `interface` unless this process already did so at the
+    /// interface's current index (a recreated interface gets a new link).
+    fn attach_once(&mut self, program: &'static str, interface: &str, index: u32, hook: Hook) -> Result<()> {
+        let key = (interface.to_string(), program);
+        if self.attached.get(&key) == Some(&index) {
+            return Ok(());
+        }
+        links::attach(&mut self.ebpf, program, interface, hook, &self.options.pin_root)?;
+        self.attached.insert(key, index);
+        Ok(())
+    }
+
+    /// The pod bridge exists only once the CNI plugin made the first pod; until then pods have
+    /// no traffic, and afterwards it is picked up here (every resync).
+    async fn attach_pod_bridge(&mut self) -> Result<()> {
+        let bridge = self.options.pod_bridge.clone();
+        match kernel::link_index(&self.handle, &bridge).await? {
+            Some(index) => self.attach_once(POD_EGRESS, &bridge, index, Hook::TcIngress),
+            None => {
+                if self.attached.remove(&(bridge.clone(), POD_EGRESS)).is_some() {
+                    tracing::info!(bridge, "the pod bridge is gone; its program went with it");
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+fn check_kernel() -> Result<()> {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").context("reading the kernel release")?;
+    let mut parts = release.trim().split(['.', '-']).map(|p| p.parse::<u32>().unwrap_or(0));
+    let version = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    if version < MIN_KERNEL {
+        bail!(
+            "Linux {} is too old for the eBPF datapath: it needs {}.{} or later (TCX links)",
+            release.trim(),
+            MIN_KERNEL.0,
+            MIN_KERNEL.1
+        );
+    }
+    Ok(())
+}
+
+/// Detaches the eBPF datapath's programs (removing their link pins) and removes the host
+/// device: what switching a node to `--datapath netlink` needs. Maps stay pinned (harmless,
+/// and `inspect` can still read the last state).
+pub async fn remove(pin_root: &Path, external: &str, pod_bridge: &str) -> Result<()> {
+    let mut detached = 0;
+    for (interface, program) in [(pod_bridge, POD_EGRESS), (HOST_DEVICE, HOST_EGRESS), (external, UNDERLAY_INGRESS)] {
+        if links::detach(pin_root, interface, program)? {
+            detached += 1;
+        }
+    }
+    let (connection, handle, _) = rtnetlink::new_connection().context("opening an rtnetlink socket")?;
+    tokio::spawn(connection);
+    let device = host::remove_host_device(&handle).await?;
+    if detached > 0 || device {
+        tracing::info!(detached, host_device = device, "removed the eBPF datapath left by an earlier run");
+    }
+    Ok(())
+}
+
+impl Datapath for EbpfDatapath {
+    fn name(&self) -> &'static str {
+        "ebpf"
+    }
+
+    fn pod_mtu(&self, local: &LocalNode) -> u32 {
+        pod_mtu(local)
+    }
+
+    async fn set_local(&mut self, local: &LocalNode) -> Result<()> {
+        let ext = &local.external;
+        self.write_node_config(local).await?;
+        self.table.set_on_link(host::connected_networks(&self.handle, ext.index).await?);
+        self.table.set_local(local)?;
+
+        let host_index = host::ensure_host_device(&self.handle, local, pod_mtu(local)).await?;
+        self.attach_once(HOST_EGRESS, HOST_DEVICE, host_index, Hook::TcEgress)?;
+        let vni = match &local.backend {
+            Backend::Vxlan(v) => {
+                self.attach_once(UNDERLAY_INGRESS, &ext.name, ext.index, Hook::Xdp)?;
+                Some(v.vni)
+            }
+            _ => None,
+        };
+        self.attach_pod_bridge().await?;
+        if !self.classic_removed {
+            host::remove_classic_leftovers(&self.handle, local, vni).await?;
+            if host::effective_rp_filter(&ext.name) == Some(1) {
+                tracing::warn!(
+                    interface = ext.name,
+                    "strict reverse-path filtering (rp_filter=1) on the external interface drops decapsulated and \
+                     host-gw pod traffic, which arrives there but is routed back through {HOST_DEVICE}; set \
+                     net.ipv4.conf.all.rp_filter and net.ipv4.conf.{}.rp_filter to 2 (loose)",
+                    ext.name
+                );
+            }
+            self.classic_removed = true;
+        }
+        if self.local.as_ref() != Some(local) {
+            tracing::info!(
+                subnet = %local.subnet,
+                external = ext.name,
+                host_device = HOST_DEVICE,
+                peer = HOST_PEER,
+                pod_bridge = self.options.pod_bridge,
+                "eBPF datapath programmed for this node"
+            );
+        }
+        self.local = Some(local.clone());
+        Ok(())
+    }
+
+    async fn reconcile(&mut self, leases: &[Lease]) -> Result<()> {
+        self.table.reconcile(leases)?;
+        self.attach_pod_bridge().await
+    }
+
+    async fn apply(&mut self, event: &LeaseEvent) -> Result<()> {
+        self.table.apply(event)
+    }
+}
