@@ -156,6 +156,14 @@ pub enum Command {
     /// Per-interface packet counters (XDP ingress, TC egress) in pinned BPF maps.
     #[command(subcommand)]
     Counters(CountersCommand),
+    /// Show the eBPF datapath's state from the pinned maps under --bpf-pin-path: this node's
+    /// settings, the lease table, accepted VXLAN sources, per-path and drop counters, and the
+    /// attached programs. Works whether or not the agent runs.
+    Inspect {
+        /// Print JSON instead of tables.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Args)]

@@ -6,7 +6,7 @@ use flannel_agent::{
     cli::{normalize_go_flags, Cli, Command, CountersCommand, DockerOptsArgs},
     daemon::{self, DaemonOptions},
     docker_opts::{self, DockerOpts},
-    ebpf::counters,
+    ebpf::{counters, inspect},
 };
 use tracing_subscriber::EnvFilter;
 
@@ -49,6 +49,17 @@ fn run(cli: Cli) -> Result<()> {
         Some(Command::DockerOpts(args)) => docker_opts::run(&docker_opts_from(args)),
         Some(Command::Counters(CountersCommand::Attach(arg))) => counters::attach(&arg.iface, &cli.bpf_pin_path),
         Some(Command::Counters(CountersCommand::Detach(arg))) => counters::detach(&arg.iface, &cli.bpf_pin_path),
+        Some(Command::Inspect { json }) => {
+            let snapshot = inspect::snapshot(&cli.bpf_pin_path).with_context(|| {
+                format!("no eBPF datapath state under {} (wrong --bpf-pin-path?)", cli.bpf_pin_path.display())
+            })?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&snapshot)?);
+            } else {
+                print!("{}", inspect::render(&snapshot));
+            }
+            Ok(())
+        }
         Some(Command::Counters(CountersCommand::Show { json })) => {
             let rows = counters::read(&cli.bpf_pin_path)?;
             if json {

@@ -186,10 +186,28 @@ impl Lab {
         Ok(())
     }
 
+    /// Node `index`'s `--bpf-pin-path`.
+    pub fn pin_root(&self, index: usize) -> PathBuf {
+        self.bpffs.path().join(format!("node{index}"))
+    }
+
+    /// `flannel-agent inspect --json` for node `index`, run in its namespace.
+    pub fn inspect(&self, index: usize) -> Result<serde_json::Value> {
+        let out = output(
+            self.nodes[index]
+                .ns
+                .command(agent::binary()?)
+                .arg("--bpf-pin-path")
+                .arg(self.pin_root(index))
+                .args(["inspect", "--json"]),
+        )?;
+        serde_json::from_str(&out).with_context(|| format!("inspect output {out}"))
+    }
+
     /// Starts node `index`'s agent (in its namespace, with its own subnet file and pins).
     pub fn start_agent(&self, index: usize) -> Result<()> {
         let endpoint = self.etcd.client_url();
-        let pins = self.bpffs.path().join(format!("node{index}"));
+        let pins = self.pin_root(index);
         let node = &self.nodes[index];
         let mut agent = node.agent.lock().unwrap();
         anyhow::ensure!(agent.is_none(), "agent of node {index} already running");

@@ -118,7 +118,7 @@ fn daemon_lifecycle_matches_flanneld() {
     assert_eq!(node.ctl().get_prefix("/coreos.com/network/subnets/").unwrap().len(), 3);
     // The first start wrote the map; the restart found it as it should be and wrote nothing.
     assert_eq!(
-        node.log_text().matches("lease map reconciled").count(),
+        node.log_text().matches("lease maps reconciled").count(),
         1,
         "restart adopted the pinned map: {}",
         node.log_text()

@@ -1,5 +1,8 @@
 //! End to end on the lab: 3 nodes × 2 pods made by the real CNI chain, real agents, real
 //! etcd, real packets. Root only; fails loudly otherwise. Each test builds its own lab.
+//!
+//! The whole suite runs once per datapath (`netlink::…` and `ebpf::…`); where the two differ
+//! (what "programmed" means, which device a test deletes) the helpers ask the lab's datapath.
 
 use std::{
     net::Ipv4Addr,
@@ -12,8 +15,28 @@ use flannel_tests::{
     NetNs,
 };
 
-fn lab(backend: &str) -> Lab {
-    Lab::start(LabConfig { backend: backend.into(), ..LabConfig::default() }).expect("lab starts")
+fn lab(backend: &str, datapath: &str) -> Lab {
+    Lab::start(LabConfig { backend: backend.into(), datapath: datapath.into(), ..LabConfig::default() })
+        .expect("lab starts")
+}
+
+fn is_ebpf(lab: &Lab) -> bool {
+    lab.config.datapath == "ebpf"
+}
+
+/// Whether node `node`'s datapath holds `subnet`: a route (netlink) or a lease map entry (eBPF).
+fn programmed(lab: &Lab, node: usize, subnet: &ipnet::Ipv4Net) -> bool {
+    if is_ebpf(lab) {
+        let state = lab.inspect(node).expect("inspect");
+        state["leases"].as_array().expect("leases").iter().any(|l| l["subnet"] == subnet.to_string())
+    } else {
+        !route_to(&lab.nodes[node].ns, subnet).is_empty()
+    }
+}
+
+/// A counter of node `node`'s eBPF datapath, from `flannel-agent inspect`.
+fn counter(lab: &Lab, node: usize, name: &str) -> u64 {
+    lab.inspect(node).expect("inspect")["counters"][name].as_u64().unwrap_or_else(|| panic!("no counter {name}"))
 }
 
 /// Every pod reaches every other pod over ICMP and TCP, keeping its own source address; pods
@@ -39,6 +62,30 @@ fn connectivity(lab: &Lab) {
             .unwrap_or_else(|e| panic!("TCP {} → external: {e:#}", from.ip));
         assert_eq!(seen.ip(), lab.nodes[*from_node].ip, "pod-to-external is masqueraded to the node address");
     }
+    // The nodes themselves reach remote pods, from the source flanneld's routes give: the
+    // subnet's base address (flannel.1's) with vxlan, the node address with host-gw.
+    for (node, to) in [(0, &lab.nodes[1].pods[0]), (2, &lab.nodes[0].pods[1])] {
+        lab::ping(&lab.nodes[node].ns, to.ip, 2).unwrap_or_else(|e| panic!("node {node} → pod {}: {e:#}", to.ip));
+        port += 1;
+        let seen = tcp_source_seen(&to.ns, to.ip, &lab.nodes[node].ns, port).unwrap();
+        let expected = match lab.config.backend.as_str() {
+            "vxlan" => lab.nodes[node].subnet().unwrap().network(),
+            _ => lab.nodes[node].ip,
+        };
+        assert_eq!(seen.ip(), expected, "node {node} → pod source");
+    }
+    if is_ebpf(lab) {
+        // The traffic went through our programs: there is no vxlan device to carry it.
+        for node in 0..lab.nodes.len() {
+            let links = String::from_utf8(lab.nodes[node].ns.ip(&["-o", "link"]).unwrap().stdout).unwrap();
+            assert!(!links.contains("flannel."), "node {node} has a vxlan device: {links}");
+            let forwarded = match lab.config.backend.as_str() {
+                "vxlan" => counter(lab, node, "vxlan-encapsulated").min(counter(lab, node, "vxlan-decapsulated")),
+                _ => counter(lab, node, "host-gw-forwarded"),
+            };
+            assert!(forwarded > 0, "node {node}'s programs forwarded nothing: {}", lab.inspect(node).unwrap());
+        }
+    }
 }
 
 fn route_to(ns: &NetNs, subnet: &ipnet::Ipv4Net) -> String {
@@ -56,29 +103,65 @@ fn within(limit: Duration, mut condition: impl FnMut() -> bool) -> Option<Durati
     None
 }
 
-#[test]
-fn vxlan_every_pod_pair_and_masquerade() {
-    connectivity(&lab("vxlan"));
+/// The suite, for one datapath.
+macro_rules! suite {
+    ($datapath:ident) => {
+        mod $datapath {
+            const DATAPATH: &str = stringify!($datapath);
+
+            #[test]
+            fn vxlan_every_pod_pair_and_masquerade() {
+                super::connectivity(&super::lab("vxlan", DATAPATH));
+            }
+
+            #[test]
+            fn host_gw_every_pod_pair_and_masquerade() {
+                super::connectivity(&super::lab("host-gw", DATAPATH));
+            }
+
+            #[test]
+            fn vxlan_node_leave_and_join_reach_the_kernel_within_a_second_and_own_lease_is_repaired() {
+                super::leave_join_and_repair("vxlan", DATAPATH);
+            }
+
+            #[test]
+            fn host_gw_node_leave_and_join_reach_the_kernel_within_a_second_and_own_lease_is_repaired() {
+                super::leave_join_and_repair("host-gw", DATAPATH);
+            }
+
+            #[test]
+            fn host_gw_refuses_a_peer_behind_a_gateway() {
+                super::host_gw_refuses_a_peer_behind_a_gateway(DATAPATH);
+            }
+
+            #[test]
+            fn deleted_datapath_device_comes_back() {
+                super::deleted_datapath_device_comes_back(DATAPATH);
+            }
+
+            #[test]
+            fn vxlan_agent_restarts_lose_no_packet() {
+                super::restart_without_loss("vxlan", DATAPATH);
+            }
+
+            #[test]
+            fn host_gw_agent_restarts_lose_no_packet() {
+                super::restart_without_loss("host-gw", DATAPATH);
+            }
+
+            #[test]
+            fn interop_with_a_flanneld_configured_node() {
+                super::interop_with_a_flanneld_configured_node(DATAPATH);
+            }
+        }
+    };
 }
 
-#[test]
-fn host_gw_every_pod_pair_and_masquerade() {
-    connectivity(&lab("host-gw"));
-}
+suite!(netlink);
+suite!(ebpf);
 
-#[test]
-fn vxlan_node_leave_and_join_reach_the_kernel_within_a_second_and_own_lease_is_repaired() {
-    leave_join_and_repair("vxlan");
-}
-
-#[test]
-fn host_gw_node_leave_and_join_reach_the_kernel_within_a_second_and_own_lease_is_repaired() {
-    leave_join_and_repair("host-gw");
-}
-
-#[test]
-fn host_gw_refuses_a_peer_behind_a_gateway() {
-    let lab = lab("host-gw");
+fn host_gw_refuses_a_peer_behind_a_gateway(datapath: &str) {
+    let lab = lab("host-gw", datapath);
     // A node whose PublicIP is only reachable through the default gateway.
     let key = format!("{SUBNETS_PREFIX}10.244.220.0-24");
     lab.etcdctl().put(&key, r#"{"PublicIP":"198.51.100.7","PublicIPv6":null,"BackendType":"host-gw"}"#).unwrap();
@@ -87,30 +170,26 @@ fn host_gw_refuses_a_peer_behind_a_gateway() {
     });
     assert!(logged.is_some(), "no clear error: {}", lab.nodes[0].log_text());
     assert!(lab.nodes[0].log_text().contains("198.51.100.7"), "the error names the peer");
-    assert!(route_to(&lab.nodes[0].ns, &"10.244.220.0/24".parse().unwrap()).is_empty(), "no route installed");
+    assert!(!programmed(&lab, 0, &"10.244.220.0/24".parse().unwrap()), "nothing programmed for it");
     // Everything else keeps working.
     lab::ping(&lab.nodes[0].pods[0].ns, lab.nodes[1].pods[0].ip, 1).unwrap();
 }
 
-fn leave_join_and_repair(backend: &str) {
-    let lab = lab(backend);
+fn leave_join_and_repair(backend: &str, datapath: &str) {
+    let lab = lab(backend, datapath);
     let subnet2 = lab.nodes[2].subnet().unwrap();
     let key2 = format!("{SUBNETS_PREFIX}{}-{}", subnet2.network(), subnet2.prefix_len());
     let value2 = lab.etcdctl().get(&key2).unwrap().expect("node 2's lease");
     // Node 2 leaves: its agent stops (leaving its lease), then the lease is deleted.
     lab.stop_agent(2, libc::SIGTERM).unwrap();
-    assert!(!route_to(&lab.nodes[0].ns, &subnet2).is_empty());
+    assert!(programmed(&lab, 0, &subnet2));
     lab.etcdctl().delete(&key2).unwrap();
-    let took = within(Duration::from_secs(1), || {
-        route_to(&lab.nodes[0].ns, &subnet2).is_empty() && route_to(&lab.nodes[1].ns, &subnet2).is_empty()
-    });
-    assert!(took.is_some(), "route to the departed node still present after 1 s");
+    let took = within(Duration::from_secs(1), || !programmed(&lab, 0, &subnet2) && !programmed(&lab, 1, &subnet2));
+    assert!(took.is_some(), "the departed node is still programmed after 1 s");
     // It joins again.
     lab.etcdctl().put(&key2, &value2).unwrap();
-    let took = within(Duration::from_secs(1), || {
-        !route_to(&lab.nodes[0].ns, &subnet2).is_empty() && !route_to(&lab.nodes[1].ns, &subnet2).is_empty()
-    });
-    assert!(took.is_some(), "route to the joined node missing after 1 s");
+    let took = within(Duration::from_secs(1), || programmed(&lab, 0, &subnet2) && programmed(&lab, 1, &subnet2));
+    assert!(took.is_some(), "the joined node is not programmed after 1 s");
 
     // Someone deletes node 1's lease while its agent runs: the agent re-creates it.
     let subnet1 = lab.nodes[1].subnet().unwrap();
@@ -127,20 +206,26 @@ fn leave_join_and_repair(backend: &str) {
     lab::ping(&lab.nodes[0].pods[0].ns, b, 2).unwrap();
 }
 
-#[test]
-fn deleted_vxlan_device_and_routes_come_back() {
-    let lab = lab("vxlan");
+/// Someone deletes the datapath's device — flannel.1 (netlink) or fl_host (eBPF, the node's
+/// own path into the cluster) — and the agent's periodic resync brings it back.
+fn deleted_datapath_device_comes_back(datapath: &str) {
+    let lab = lab("vxlan", datapath);
     let node0 = &lab.nodes[0];
-    let (pod, remote) = (&node0.pods[0], lab.nodes[1].pods[0].ip);
-    node0.ns.ip(&["link", "del", "flannel.1"]).unwrap();
-    assert!(lab::ping(&pod.ns, remote, 1).is_err(), "traffic needs the device");
-    let back = within(Duration::from_secs(15), || lab::ping(&pod.ns, remote, 1).is_ok());
-    assert!(back.is_some(), "the agent did not recreate flannel.1 and its routes");
-    assert!(node0.log_text().matches("created the vxlan device").count() >= 2, "{}", node0.log_text());
+    let (device, created, from) = match datapath {
+        "ebpf" => ("fl_host", "created the host device pair", &node0.ns),
+        _ => ("flannel.1", "created the vxlan device", &node0.pods[0].ns),
+    };
+    let remote = lab.nodes[1].pods[0].ip;
+    lab::ping(from, remote, 1).unwrap();
+    node0.ns.ip(&["link", "del", device]).unwrap();
+    assert!(lab::ping(from, remote, 1).is_err(), "traffic needs {device}");
+    let back = within(Duration::from_secs(15), || lab::ping(from, remote, 1).is_ok());
+    assert!(back.is_some(), "the agent did not recreate {device}: {}", node0.log_text());
+    assert!(node0.log_text().matches(created).count() >= 2, "{}", node0.log_text());
 }
 
-fn restart_without_loss(backend: &str) {
-    let lab = lab(backend);
+fn restart_without_loss(backend: &str, datapath: &str) {
+    let lab = lab(backend, datapath);
     let (server, client) = (&lab.nodes[1].pods[0], &lab.nodes[0].pods[0]);
     let tick = Duration::from_millis(1);
     let report = udp_stream_during(&server.ns, server.ip, &client.ns, 30000, tick, Duration::from_millis(500), || {
@@ -160,21 +245,11 @@ fn restart_without_loss(backend: &str) {
     assert_eq!(report.lost, 0, "packets lost across agent restarts: {report:?}");
 }
 
-#[test]
-fn vxlan_agent_restarts_lose_no_packet() {
-    restart_without_loss("vxlan");
-}
-
-#[test]
-fn host_gw_agent_restarts_lose_no_packet() {
-    restart_without_loss("host-gw");
-}
-
 /// A node configured by hand exactly as flanneld configures its kernel (the commands from
-/// flannel's vxlan backend) exchanges traffic with our nodes in both directions.
-#[test]
-fn interop_with_a_flanneld_configured_node() {
-    let lab = lab("vxlan");
+/// flannel's vxlan backend) exchanges traffic with our nodes in both directions: the VXLAN we
+/// put on the wire is what a kernel vxlan device accepts, and what it sends is what we accept.
+fn interop_with_a_flanneld_configured_node(datapath: &str) {
+    let lab = lab("vxlan", datapath);
     // The hand-made node: 192.0.2.50, subnet 10.244.200.0/24, VtepMAC 02:aa:00:00:00:50.
     let hand = lab.hand_node("192.0.2.50/24").unwrap();
     let (vtep, gw) = ("02:aa:00:00:00:50", "10.244.200.1/24");

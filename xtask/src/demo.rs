@@ -25,8 +25,9 @@ pub struct DemoArgs {
     /// Leave the cluster running and print how to use it; Ctrl-C tears it down.
     #[arg(long)]
     keep: bool,
-    /// The agents' datapath: netlink (flannel-classic kernel datapath) or ebpf.
-    #[arg(long, default_value = "netlink")]
+    /// The agents' datapath: ebpf (TC/XDP programs) or netlink (flannel-classic kernel
+    /// datapath).
+    #[arg(long, default_value = "ebpf")]
     datapath: String,
     /// Backend in the network config: vxlan or host-gw.
     #[arg(long, default_value = "vxlan")]
@@ -88,6 +89,17 @@ pub fn run(args: DemoArgs) -> Result<()> {
             seen.ip(),
             lab.nodes[node].ip
         );
+    }
+
+    if args.datapath == "ebpf" {
+        println!("\nnode0's eBPF datapath (`flannel-agent inspect`), non-zero counters:");
+        let state = lab.inspect(0)?;
+        let counters = state["counters"].as_object().cloned().unwrap_or_default();
+        for (name, value) in counters.iter().filter(|(_, v)| v.as_u64() != Some(0)) {
+            println!("  {name:<28} {value}");
+        }
+        let links: Vec<String> = state["links"].as_array().into_iter().flatten().map(|l| l.to_string()).collect();
+        println!("  attached: {}", links.join(" "));
     }
 
     if args.keep {

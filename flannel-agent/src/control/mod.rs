@@ -200,6 +200,11 @@ impl<D: Datapath> ControlPlane<D> {
                     self.retry_datapath().await;
                 }
                 _ = resync.tick() => self.retry_datapath().await,
+                _ = self.datapath.kernel_changed() => {
+                    if let Err(error) = self.datapath.refresh().await {
+                        tracing::warn!("datapath refresh after a kernel change failed: {error:#}");
+                    }
+                }
                 _ = backoff_sleep => backoff = (backoff * 2).min(BACKOFF_MAX),
                 message = next_message(&mut watch) => match message {
                     Ok(Some(response)) => {

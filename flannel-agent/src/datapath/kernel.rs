@@ -306,6 +306,20 @@ pub async fn replace_neighbour(handle: &Handle, index: u32, ip: Ipv4Addr, mac: M
         .with_context(|| format!("neighbour {ip} lladdr {mac}"))
 }
 
+/// Asks the kernel to resolve `ip` on link `index` now (`NTF_USE`: an ARP probe for a missing
+/// or stale entry), so that the first packet a program hands to `bpf_redirect_neigh` finds
+/// the neighbour ready.
+pub async fn resolve_neighbour(handle: &Handle, index: u32, ip: Ipv4Addr) -> Result<()> {
+    handle
+        .neighbours()
+        .add(index, IpAddr::V4(ip))
+        .flags(NeighbourFlags::Use)
+        .replace()
+        .execute()
+        .await
+        .with_context(|| format!("resolving neighbour {ip} on link {index}"))
+}
+
 /// `bridge fdb replace <mac> dev <index> dst <ip> self permanent`.
 pub async fn replace_fdb(handle: &Handle, index: u32, mac: Mac, dst: Ipv4Addr) -> Result<()> {
     handle

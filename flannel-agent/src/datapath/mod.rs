@@ -80,4 +80,16 @@ pub trait Datapath: Send {
 
     /// Applies one change.
     fn apply(&mut self, event: &LeaseEvent) -> impl Future<Output = Result<()>> + Send;
+
+    /// Resolves when something in the kernel this datapath depends on has changed (the eBPF
+    /// datapath: the pod bridge appeared); the control plane then calls [`Datapath::refresh`].
+    /// Must be cancel-safe. Default: never.
+    fn kernel_changed(&mut self) -> impl Future<Output = ()> + Send {
+        std::future::pending()
+    }
+
+    /// Re-checks the datapath's kernel side after [`Datapath::kernel_changed`].
+    fn refresh(&mut self) -> impl Future<Output = Result<()>> + Send {
+        async { Ok(()) }
+    }
 }

@@ -2,5 +2,6 @@
 
 pub mod bpffs;
 pub mod counters;
+pub mod inspect;
 pub mod links;
 pub mod object;

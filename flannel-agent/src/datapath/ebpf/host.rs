@@ -2,9 +2,9 @@
 //!
 //! Pods reach the egress program on the bridge, but traffic the node itself sends to the
 //! cluster needs a route. The agent owns a veth pair `fl_host` ⇄ `fl_net`: `fl_host` carries
-//! the subnet's base address (/32, as flanneld gives `flannel.<VNI>`), ARP off, and the one
-//! route `<Network> dev fl_host src <subnet base>`; its TC egress program forwards what the
-//! route sends it. A destination in the network without a lease ends at `fl_net`, which has
+//! the subnet's base address (/32, as flanneld gives `flannel.<VNI>`; the external address
+//! with host-gw), ARP off, and the one route `<Network> dev fl_host src <that address>`; its
+//! TC egress program forwards what the route sends it. A destination in the network without a lease ends at `fl_net`, which has
 //! no address (as in flannel, where no route exists for it). One route instead of one per
 //! node: the lease map, not the route table, says where each subnet lives.
 
@@ -12,10 +12,13 @@ use anyhow::{Context, Result};
 use ipnet::Ipv4Net;
 use rtnetlink::Handle;
 
-use crate::datapath::{
-    kernel::{self, ROUTE_PROTOCOL},
-    netlink::NetlinkDatapath,
-    LocalNode,
+use crate::{
+    config::Backend,
+    datapath::{
+        kernel::{self, ROUTE_PROTOCOL},
+        netlink::NetlinkDatapath,
+        LocalNode,
+    },
 };
 
 pub const HOST_DEVICE: &str = "fl_host";
@@ -38,9 +41,17 @@ pub async fn ensure_host_device(handle: &Handle, local: &LocalNode, mtu: u32) ->
         .with_context(|| format!("{HOST_DEVICE} exists without its peer {HOST_PEER}"))?;
     kernel::set_link_up(handle, peer, mtu, true).await?;
     kernel::set_link_up(handle, index, mtu, false).await?;
-    let base = local.subnet.network();
-    kernel::set_only_address(handle, index, Ipv4Net::new(base, 32).expect("/32")).await?;
-    kernel::replace_device_route(handle, local.network, index, base).await?;
+    // The node's own cluster traffic leaves with the source flanneld gives it: flannel.<VNI>'s
+    // address (the subnet base) for vxlan, the external address for host-gw, whose routes go
+    // via eth0. fl_host carries that address too, because flannel's masquerade rule
+    // (`! -s <Network> -d <Network> -j MASQUERADE`) rewrites host traffic to the address of
+    // the device it leaves through.
+    let source = match local.backend {
+        Backend::Vxlan(_) => local.subnet.network(),
+        _ => local.external.address,
+    };
+    kernel::set_only_address(handle, index, Ipv4Net::new(source, 32).expect("/32")).await?;
+    kernel::replace_device_route(handle, local.network, index, source).await?;
     Ok(index)
 }
 

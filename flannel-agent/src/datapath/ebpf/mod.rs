@@ -69,7 +69,13 @@ pub struct EbpfDatapath {
     /// (interface, program) → the interface index it was attached at by this process.
     attached: BTreeMap<(String, &'static str), u32>,
     classic_removed: bool,
+    /// Link notifications (RTMGRP_LINK), to attach to the pod bridge as soon as the CNI
+    /// plugin creates it instead of at the next resync.
+    link_events: LinkEvents,
 }
+
+/// Names of links the kernel announced as new or changed.
+type LinkEvents = tokio::sync::mpsc::UnboundedReceiver<String>;
 
 impl EbpfDatapath {
     /// Loads the programs (the verifier runs now, so a kernel that cannot run them fails here,
@@ -87,6 +93,7 @@ impl EbpfDatapath {
         let node = Array::try_from(node).with_context(|| format!("{NODE_MAP} is not an array"))?;
         let (connection, handle, _) = rtnetlink::new_connection().context("opening an rtnetlink socket")?;
         tokio::spawn(connection);
+        let link_events = subscribe_link_events()?;
         Ok(EbpfDatapath {
             handle,
             options,
@@ -96,6 +103,7 @@ impl EbpfDatapath {
             local: None,
             attached: BTreeMap::new(),
             classic_removed: false,
+            link_events,
         })
     }
 
@@ -120,7 +128,14 @@ impl EbpfDatapath {
         };
         if self.node.get(&0, 0).ok() != Some(config) {
             self.node.set(0, config, 0).with_context(|| format!("writing {NODE_MAP}"))?;
-            tracing::info!(?config, "node settings written");
+            tracing::info!(
+                public_ip = %local.public_ip,
+                vni,
+                vxlan_port,
+                external = local.external.name,
+                external_mac = %ext_mac,
+                "node settings written to {NODE_MAP}"
+            );
         }
         Ok(())
     }
@@ -151,6 +166,72 @@ impl EbpfDatapath {
             }
         }
     }
+}
+
+impl EbpfDatapath {
+    /// A packet that `bpf_redirect_neigh` sends from `fl_host`'s egress towards an unresolved
+    /// neighbour is lost (measured on 6.18; from the bridge's ingress it is queued), so the
+    /// underlay neighbours of on-link peers are resolved ahead of traffic: on every lease
+    /// event, and at each resync for those the kernel has no entry for.
+    async fn resolve_missing_neighbours(&self) -> Result<()> {
+        let Some(local) = &self.local else { return Ok(()) };
+        let known: std::collections::BTreeSet<_> = kernel::neighbours(&self.handle, local.external.index, false)
+            .await?
+            .iter()
+            .filter(|n| kernel::neighbour_mac(n).is_some())
+            .filter_map(kernel::neighbour_ip)
+            .collect();
+        for ip in self.table.on_link_peers().difference(&known) {
+            self.resolve_neighbour(*ip).await;
+        }
+        Ok(())
+    }
+
+    async fn resolve_neighbour(&self, ip: std::net::Ipv4Addr) {
+        let Some(local) = &self.local else { return };
+        if let Err(error) = kernel::resolve_neighbour(&self.handle, local.external.index, ip).await {
+            tracing::debug!(%ip, error = format!("{error:#}"), "could not start neighbour resolution");
+        }
+    }
+}
+
+/// A second rtnetlink socket bound to the link multicast group.
+fn subscribe_link_events() -> Result<LinkEvents> {
+    use rtnetlink::sys::{AsyncSocket, SocketAddr};
+    let (mut connection, _, messages) = rtnetlink::new_connection().context("opening an rtnetlink socket")?;
+    connection
+        .socket_mut()
+        .socket_mut()
+        .bind(&SocketAddr::new(0, rtnetlink::constants::RTMGRP_LINK))
+        .context("subscribing to link notifications")?;
+    tokio::spawn(connection);
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut messages = messages;
+        while let Some((message, _)) = futures_util::StreamExt::next(&mut messages).await {
+            if let Some(name) = new_link_name(&message) {
+                if tx.send(name.to_string()).is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    Ok(rx)
+}
+
+/// The name of a new (or changed) link in a link notification.
+fn new_link_name(
+    message: &rtnetlink::packet_core::NetlinkMessage<rtnetlink::packet_route::RouteNetlinkMessage>,
+) -> Option<&str> {
+    use rtnetlink::packet_route::{link::LinkAttribute, RouteNetlinkMessage};
+    let rtnetlink::packet_core::NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(link)) = &message.payload
+    else {
+        return None;
+    };
+    link.attributes.iter().find_map(|a| match a {
+        LinkAttribute::IfName(name) => Some(name.as_str()),
+        _ => None,
+    })
 }
 
 fn check_kernel() -> Result<()> {
@@ -241,10 +322,35 @@ impl Datapath for EbpfDatapath {
 
     async fn reconcile(&mut self, leases: &[Lease]) -> Result<()> {
         self.table.reconcile(leases)?;
+        self.attach_pod_bridge().await?;
+        self.resolve_missing_neighbours().await
+    }
+
+    async fn kernel_changed(&mut self) {
+        loop {
+            match self.link_events.recv().await {
+                Some(name) if name == self.options.pod_bridge => return,
+                Some(_) => {}
+                // The notification socket is gone; the periodic resync still attaches.
+                None => std::future::pending::<()>().await,
+            }
+        }
+    }
+
+    async fn refresh(&mut self) -> Result<()> {
         self.attach_pod_bridge().await
     }
 
     async fn apply(&mut self, event: &LeaseEvent) -> Result<()> {
-        self.table.apply(event)
+        self.table.apply(event)?;
+        match event {
+            LeaseEvent::Added(lease) | LeaseEvent::Replaced { new: lease, .. } => {
+                if self.table.is_on_link(lease.attrs.public_ip) {
+                    self.resolve_neighbour(lease.attrs.public_ip).await;
+                }
+                Ok(())
+            }
+            LeaseEvent::Removed(_) => Ok(()),
+        }
     }
 }

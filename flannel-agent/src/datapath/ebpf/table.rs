@@ -217,7 +217,18 @@ impl LeaseTable {
         }
     }
 
-    fn is_on_link(&self, ip: Ipv4Addr) -> bool {
+    /// PublicIPs of remote nodes reached on our L2 segment (their neighbour entries are what
+    /// `bpf_redirect_neigh` uses).
+    pub fn on_link_peers(&self) -> BTreeSet<Ipv4Addr> {
+        self.written
+            .values()
+            .filter(|e| e.kind == LeaseKind::Vxlan as u8 || e.kind == LeaseKind::HostGw as u8)
+            .map(|e| Ipv4Addr::from(e.public_ip))
+            .filter(|ip| self.is_on_link(*ip))
+            .collect()
+    }
+
+    pub fn is_on_link(&self, ip: Ipv4Addr) -> bool {
         self.on_link.iter().any(|n| n.contains(&ip))
     }
 
@@ -236,7 +247,8 @@ impl LeaseTable {
                 tracing::warn!(
                     subnet = %lease.subnet,
                     %public_ip,
-                    "host-gw peer is not on our L2 segment (it is behind a gateway); not programmed — use vxlan for such nodes"
+                    "host-gw needs every node on the local L2 segment: this peer is reached through a gateway; not \
+                     forwarding to it"
                 );
                 None
             }

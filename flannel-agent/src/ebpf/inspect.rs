@@ -1,0 +1,149 @@
+//! `flannel-agent inspect`: the eBPF datapath's state read straight from the pinned maps and
+//! link pins under `--bpf-pin-path` — the same whether the agent runs or not.
+
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context, Result};
+use aya::maps::{lpm_trie::LpmTrie, Array, HashMap, Map, MapData, PerCpuArray};
+use flannel_common::{LeaseEntry, LeaseKind, NodeConfig, Stat, LEASES_MAP, NODE_MAP, PEERS_MAP, STATS_MAP};
+use serde::Serialize;
+
+use crate::{datapath::ebpf::table::subnet_of, subnet::lease::Mac};
+
+#[derive(Debug, Serialize)]
+pub struct Snapshot {
+    pub pin_root: PathBuf,
+    pub node: Option<NodeRow>,
+    pub leases: Vec<LeaseRow>,
+    pub peers: Vec<Ipv4Addr>,
+    pub counters: BTreeMap<&'static str, u64>,
+    /// `<interface>/<program>` for every pinned link.
+    pub links: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct NodeRow {
+    pub public_ip: Ipv4Addr,
+    pub vtep_mac: String,
+    pub vni: u32,
+    pub vxlan_port: u16,
+    pub external_ifindex: u32,
+    pub external_mac: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct LeaseRow {
+    pub subnet: String,
+    pub kind: &'static str,
+    pub public_ip: Ipv4Addr,
+    pub vtep_mac: String,
+    pub vni: u32,
+}
+
+fn open(maps: &Path, name: &str) -> Result<Map> {
+    let pin = maps.join(name);
+    let data = MapData::from_pin(&pin).with_context(|| format!("opening pinned map {}", pin.display()))?;
+    Map::from_map_data(data).with_context(|| format!("reading pinned map {}", pin.display()))
+}
+
+/// Reads everything under `pin_root`. Fails when the lease map is not pinned there (no eBPF
+/// datapath has run with this pin path).
+pub fn snapshot(pin_root: &Path) -> Result<Snapshot> {
+    let maps = pin_root.join("maps");
+    let leases: LpmTrie<_, [u8; 4], LeaseEntry> = LpmTrie::try_from(open(&maps, LEASES_MAP)?)?;
+    let mut lease_rows = Vec::new();
+    for item in leases.iter() {
+        let (key, entry) = item.context("iterating the lease map")?;
+        lease_rows.push(LeaseRow {
+            subnet: subnet_of(&key)?.to_string(),
+            kind: LeaseKind::from_u8(entry.kind).map_or("unknown", LeaseKind::name),
+            public_ip: Ipv4Addr::from(entry.public_ip),
+            vtep_mac: Mac(entry.vtep_mac).to_string(),
+            vni: entry.vni,
+        });
+    }
+    lease_rows.sort_by_key(|r| r.subnet.parse::<ipnet::Ipv4Net>().ok());
+
+    let node: Array<_, NodeConfig> = Array::try_from(open(&maps, NODE_MAP)?)?;
+    let node = node.get(&0, 0).ok().filter(|n| n.ext_ifindex != 0).map(|n| NodeRow {
+        public_ip: Ipv4Addr::from(n.public_ip),
+        vtep_mac: Mac(n.vtep_mac).to_string(),
+        vni: n.vni,
+        vxlan_port: n.vxlan_port,
+        external_ifindex: n.ext_ifindex,
+        external_mac: Mac(n.ext_mac).to_string(),
+    });
+
+    let peers: HashMap<_, [u8; 4], u32> = HashMap::try_from(open(&maps, PEERS_MAP)?)?;
+    let mut peer_rows = peers.keys().map(|k| k.map(Ipv4Addr::from)).collect::<Result<Vec<_>, _>>()?;
+    peer_rows.sort();
+
+    let stats: PerCpuArray<_, u64> = PerCpuArray::try_from(open(&maps, STATS_MAP)?)?;
+    let mut counters = BTreeMap::new();
+    for stat in Stat::ALL {
+        let per_cpu = stats.get(&(stat as u32), 0).with_context(|| format!("reading counter {}", stat.name()))?;
+        counters.insert(stat.name(), per_cpu.iter().sum());
+    }
+
+    Ok(Snapshot {
+        pin_root: pin_root.to_path_buf(),
+        node,
+        leases: lease_rows,
+        peers: peer_rows,
+        counters,
+        links: pinned_links(pin_root),
+    })
+}
+
+fn pinned_links(pin_root: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let Ok(interfaces) = std::fs::read_dir(pin_root.join("links")) else { return out };
+    for interface in interfaces.flatten() {
+        let Ok(programs) = std::fs::read_dir(interface.path()) else { continue };
+        for program in programs.flatten() {
+            out.push(format!("{}/{}", interface.file_name().to_string_lossy(), program.file_name().to_string_lossy()));
+        }
+    }
+    out.sort();
+    out
+}
+
+/// The snapshot as readable tables.
+pub fn render(s: &Snapshot) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "Pinned under {}", s.pin_root.display());
+    match &s.node {
+        Some(n) => {
+            let _ = writeln!(
+                out,
+                "\nNode: public IP {}  VtepMAC {}  VNI {}  port {}  external ifindex {} ({})",
+                n.public_ip, n.vtep_mac, n.vni, n.vxlan_port, n.external_ifindex, n.external_mac
+            );
+        }
+        None => {
+            let _ = writeln!(out, "\nNode: not configured yet");
+        }
+    }
+    let _ = writeln!(out, "\nLeases ({}):", s.leases.len());
+    let _ = writeln!(out, "  {:<20} {:<8} {:<16} {:<18} {:>8}", "SUBNET", "KIND", "PUBLIC IP", "VTEP MAC", "VNI");
+    for l in &s.leases {
+        let _ = writeln!(out, "  {:<20} {:<8} {:<16} {:<18} {:>8}", l.subnet, l.kind, l.public_ip, l.vtep_mac, l.vni);
+    }
+    let peers: Vec<String> = s.peers.iter().map(ToString::to_string).collect();
+    let _ = writeln!(out, "\nAccepted VXLAN sources ({}): {}", s.peers.len(), peers.join(" "));
+    let _ = writeln!(out, "\nCounters (all CPUs):");
+    for (name, value) in &s.counters {
+        let _ = writeln!(out, "  {name:<28} {value:>14}");
+    }
+    let _ = writeln!(
+        out,
+        "\nAttached (pinned links): {}",
+        if s.links.is_empty() { "none".into() } else { s.links.join("  ") }
+    );
+    out
+}
