@@ -136,10 +136,37 @@ pub struct DaemonArgs {
     #[arg(long, env = "FLANNELD_DATAPATH", value_enum, default_value_t = DatapathKind::Auto)]
     pub datapath: DatapathKind,
 
+    /// eBPF datapath with --ip-masq: the source ports pod → outside connections are
+    /// translated to, as MIN-MAX. The default stays below the kernel's ephemeral range
+    /// (32768-60999), so translated connections never collide with the node's own.
+    #[arg(long, env = "FLANNELD_SNAT_PORT_RANGE", default_value = "1024-32767", value_parser = parse_port_range)]
+    pub snat_port_range: (u16, u16),
+
+    /// eBPF datapath with --ip-masq: seconds a TCP translation may stay idle before the agent
+    /// removes it.
+    #[arg(long, env = "FLANNELD_SNAT_TCP_IDLE_TIMEOUT", default_value_t = 86400)]
+    pub snat_tcp_idle_timeout: u64,
+
+    /// eBPF datapath with --ip-masq: seconds a UDP or ICMP translation may stay idle before
+    /// the agent removes it.
+    #[arg(long, env = "FLANNELD_SNAT_IDLE_TIMEOUT", default_value_t = 180)]
+    pub snat_idle_timeout: u64,
+
     /// eBPF datapath: the bridge the CNI plugin attaches pods to (the flannel CNI plugin's
     /// default is cni0). Pod traffic is forwarded from its ingress once it exists.
     #[arg(long, env = "FLANNELD_POD_BRIDGE", default_value = "cni0")]
     pub pod_bridge: String,
+}
+
+/// `MIN-MAX` with 1 ≤ MIN ≤ MAX ≤ 65535.
+fn parse_port_range(text: &str) -> Result<(u16, u16), String> {
+    let (min, max) = text.split_once('-').ok_or_else(|| format!("{text:?} is not MIN-MAX"))?;
+    let port = |p: &str| p.trim().parse::<u16>().map_err(|e| format!("{p:?} in {text:?}: {e}"));
+    let (min, max) = (port(min)?, port(max)?);
+    if min == 0 || min > max {
+        return Err(format!("{text:?}: need 1 <= MIN <= MAX"));
+    }
+    Ok((min, max))
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]

@@ -12,7 +12,7 @@ use crate::{
     config::{Backend, NetworkConfig},
     control::{self, ControlPlane, Settings},
     datapath::{
-        ebpf::{self as ebpf_datapath, EbpfDatapath, EbpfOptions},
+        ebpf::{self as ebpf_datapath, snat::SnatOptions, EbpfDatapath, EbpfOptions},
         netlink::NetlinkDatapath,
         Datapath, LocalNode,
     },
@@ -84,6 +84,7 @@ pub async fn run(options: DaemonOptions) -> Result<()> {
         subnet: network, // replaced by our lease's subnet
         ip_masq: args.ip_masq,
         forward_rules: args.iptables_forward_rules,
+        ebpf_snat: false, // decided once the datapath is chosen
         backend: if config.enable_nftables { MasqBackend::Nftables } else { MasqBackend::Iptables },
     };
     let settings = Settings {
@@ -93,7 +94,16 @@ pub async fn run(options: DaemonOptions) -> Result<()> {
         renew_margin: Duration::from_secs(u64::from(args.subnet_lease_renew_margin) * 60),
     };
     let node = Node { registry, settings, local, masq, readiness };
-    let ebpf_options = EbpfOptions { pin_root: options.bpf_pin_path.clone(), pod_bridge: args.pod_bridge.clone() };
+    let ebpf_options = EbpfOptions {
+        pin_root: options.bpf_pin_path.clone(),
+        pod_bridge: args.pod_bridge.clone(),
+        masquerade: args.ip_masq.then_some(SnatOptions {
+            port_min: args.snat_port_range.0,
+            port_max: args.snat_port_range.1,
+            tcp_idle: Duration::from_secs(args.snat_tcp_idle_timeout),
+            other_idle: Duration::from_secs(args.snat_idle_timeout),
+        }),
+    };
     match args.datapath {
         DatapathKind::Ebpf => {
             let datapath =
@@ -156,7 +166,8 @@ async fn run_with<D: Datapath>(node: Node, datapath: D, args: &DaemonArgs, shutd
     };
     // Masquerade and forward rules for our subnet, in place before we report ready, then
     // re-checked every --iptables-resync seconds.
-    let mut rules = TrafficRules::new(MasqConfig { subnet: plane.local().subnet, ..masq });
+    let ebpf_snat = plane.datapath().masquerades();
+    let mut rules = TrafficRules::new(MasqConfig { subnet: plane.local().subnet, ebpf_snat, ..masq });
     {
         let mut rules = rules.clone();
         tokio::task::spawn_blocking(move || rules.ensure()).await?.context("installing masquerade/forward rules")?;

@@ -10,10 +10,12 @@ pub mod counters;
 pub mod leases;
 pub mod node;
 pub mod peers;
+pub mod snat;
 pub mod stats;
 
 pub use counters::{Direction, IfaceCounterKey, PacketCounter, COUNTERS_MAP};
 pub use leases::{LeaseEntry, LeaseKind, LEASES_MAP};
 pub use node::{NodeConfig, NODE_MAP};
 pub use peers::PEERS_MAP;
+pub use snat::{SnatEntry, SnatKey, SNAT_MAP};
 pub use stats::{Stat, STATS_MAP};

@@ -1,8 +1,8 @@
-//! This node's datapath settings (`fl_node_v1`, a one-entry array written by the agent).
+//! This node's datapath settings (`fl_node_v2`, a one-entry array written by the agent).
 
-pub const NODE_MAP: &str = "fl_node_v1";
+pub const NODE_MAP: &str = "fl_node_v2";
 
-/// What the programs need to know about this node. 32 bytes, no implicit padding.
+/// What the programs need to know about this node. 48 bytes, no implicit padding.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct NodeConfig {
@@ -22,6 +22,17 @@ pub struct NodeConfig {
     /// stack accepts them as its own and routes them to the pod.
     pub ext_mac: [u8; 6],
     pub _pad3: [u8; 2],
+    /// The cluster network (config `Network`), network byte order, and its prefix length.
+    pub network: [u8; 4],
+    pub network_prefix: u8,
+    /// 1: masquerade pod → outside traffic (`--ip-masq`); 0: translate nothing.
+    pub snat: u8,
+    pub _pad4: [u8; 2],
+    /// The address pod → outside traffic is translated to (the external interface's).
+    pub snat_ip: [u8; 4],
+    /// The masquerade port range, host byte order, inclusive.
+    pub snat_port_min: u16,
+    pub snat_port_max: u16,
 }
 
 #[cfg(feature = "user")]

@@ -19,8 +19,8 @@ pub enum Stat {
     HostGwForwarded = 4,
     /// Pod traffic to a remote lease with TTL ≤ 1: dropped (the stack answers nothing).
     DropTtlExceeded = 5,
-    /// The packet could not be grown or rewritten for encapsulation: dropped.
-    DropEncapFailed = 6,
+    /// The packet could not be grown or rewritten (encapsulation, TTL, masquerade): dropped.
+    DropRewriteFailed = 6,
     /// Pod → outside connections given a new masquerade mapping.
     SnatNewMapping = 7,
     /// Pod → outside packets translated to the node address.
@@ -45,7 +45,7 @@ impl Stat {
         Stat::DropSpoofedSource,
         Stat::DropWrongVtepMac,
         Stat::DropTtlExceeded,
-        Stat::DropEncapFailed,
+        Stat::DropRewriteFailed,
         Stat::SnatNewMapping,
         Stat::SnatTranslated,
         Stat::SnatReplyTranslated,
@@ -61,7 +61,7 @@ impl Stat {
             Stat::Encapsulated => "vxlan-encapsulated",
             Stat::HostGwForwarded => "host-gw-forwarded",
             Stat::DropTtlExceeded => "drop-ttl-exceeded",
-            Stat::DropEncapFailed => "drop-encap-failed",
+            Stat::DropRewriteFailed => "drop-rewrite-failed",
             Stat::SnatNewMapping => "snat-new-mapping",
             Stat::SnatTranslated => "snat-translated",
             Stat::SnatReplyTranslated => "snat-reply-translated",

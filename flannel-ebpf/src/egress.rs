@@ -121,15 +121,15 @@ fn forward(ctx: &TcContext, origin: Origin) -> Result<i32, Stat> {
 /// As `ip_forward` does: drop at TTL ≤ 1, else decrement with an incremental checksum fix.
 #[inline(always)]
 fn decrement_ttl(ctx: &TcContext) -> Result<(), Stat> {
-    let ttl: u8 = ctx.load(IP_TTL_OFF).map_err(|_| Stat::DropEncapFailed)?;
+    let ttl: u8 = ctx.load(IP_TTL_OFF).map_err(|_| Stat::DropRewriteFailed)?;
     if ttl <= 1 {
         return Err(Stat::DropTtlExceeded);
     }
     // TTL is the high byte of the checksummed 16-bit word it shares with the protocol.
     let old = u32::from(u16::from_be_bytes([ttl, 0]).to_be());
     let new = u32::from(u16::from_be_bytes([ttl - 1, 0]).to_be());
-    ctx.l3_csum_replace(IP_CSUM_OFF, old as u64, new as u64, 2).map_err(|_| Stat::DropEncapFailed)?;
-    ctx.store(IP_TTL_OFF, &(ttl - 1), 0).map_err(|_| Stat::DropEncapFailed)
+    ctx.l3_csum_replace(IP_CSUM_OFF, old as u64, new as u64, 2).map_err(|_| Stat::DropRewriteFailed)?;
+    ctx.store(IP_TTL_OFF, &(ttl - 1), 0).map_err(|_| Stat::DropRewriteFailed)
 }
 
 /// `bpf_redirect_neigh` out of `ifindex` with `next_hop` (network order) as the neighbour.
@@ -148,13 +148,13 @@ fn redirect_via(ifindex: u32, next_hop: [u8; 4]) -> i32 {
 #[inline(always)]
 fn encapsulate(ctx: &TcContext, node: &NodeConfig, lease: &LeaseEntry) -> Result<(), Stat> {
     // As the kernel's vxlan (ip_tunnel_ecn_encap): the outer header carries the inner ECN bits.
-    let inner_tos: u8 = ctx.load(ETH_HLEN + 1).map_err(|_| Stat::DropEncapFailed)?;
+    let inner_tos: u8 = ctx.load(ETH_HLEN + 1).map_err(|_| Stat::DropRewriteFailed)?;
     // The flow hash must come from the inner packet, before the headers change.
     // SAFETY: skb is the program's context.
     let hash = unsafe { bpf_get_hash_recalc(ctx.skb.skb) };
     let inner_len = ctx.len() as usize - ETH_HLEN;
     let flags = BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 as u64 | BPF_F_ADJ_ROOM_ENCAP_L4_UDP as u64 | ENCAP_L2_ETH;
-    ctx.adjust_room(ENCAP_LEN as i32, BPF_ADJ_ROOM_MAC, flags).map_err(|_| Stat::DropEncapFailed)?;
+    ctx.adjust_room(ENCAP_LEN as i32, BPF_ADJ_ROOM_MAC, flags).map_err(|_| Stat::DropRewriteFailed)?;
 
     let mut h = [0u8; ETH_HLEN + ENCAP_LEN];
     // Outer Ethernet: bpf_redirect_neigh fills in the MACs; the type stays IPv4.
@@ -187,7 +187,7 @@ fn encapsulate(ctx: &TcContext, node: &NodeConfig, lease: &LeaseEntry) -> Result
     h[inner..inner + 6].copy_from_slice(&lease.vtep_mac);
     h[inner + 6..inner + 12].copy_from_slice(&node.vtep_mac);
     h[inner + 12] = 0x08;
-    ctx.store(0, &h, 0).map_err(|_| Stat::DropEncapFailed)
+    ctx.store(0, &h, 0).map_err(|_| Stat::DropRewriteFailed)
 }
 
 #[inline(always)]

@@ -7,6 +7,7 @@ mod counters;
 mod decap;
 mod egress;
 mod maps;
+mod snat;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -2,13 +2,14 @@
 //! `--bpf-pin-path/maps` (their layouts live in `flannel-common`).
 
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, LpmTrie, PerCpuArray},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
 use flannel_common::{
     leases::{LeaseEntry, LEASES_MAX_ENTRIES},
     node::NodeConfig,
     peers::PEERS_MAX_ENTRIES,
+    snat::{SnatEntry, SnatKey, SNAT_MAX_ENTRIES},
     stats::{Stat, STAT_SLOTS},
 };
 
@@ -17,12 +18,16 @@ use flannel_common::{
 pub static LEASES: LpmTrie<[u8; 4], LeaseEntry, LEASES_MAX_ENTRIES> = LpmTrie::new();
 
 /// This node's own settings (one entry).
-#[btf_map(name = "fl_node_v1")]
+#[btf_map(name = "fl_node_v2")]
 pub static NODE: Array<NodeConfig, 1> = Array::new();
 
 /// PublicIPs holding a vxlan lease: the only accepted VXLAN sources.
 #[btf_map(name = "fl_peers_v1")]
 pub static PEERS: HashMap<[u8; 4], u32, PEERS_MAX_ENTRIES> = HashMap::new();
+
+/// Masquerade translations, both halves of each (see `flannel_common::snat`).
+#[btf_map(name = "fl_snat_v1")]
+pub static SNAT: LruHashMap<SnatKey, SnatEntry, { SNAT_MAX_ENTRIES as usize }> = LruHashMap::new();
 
 /// Per-CPU packet counters per path and drop reason.
 #[btf_map(name = "fl_stats_v1")]

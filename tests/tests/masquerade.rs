@@ -23,7 +23,7 @@ fn net(s: &str) -> Ipv4Net {
 }
 
 fn config(backend: Backend, ip_masq: bool, forward_rules: bool) -> MasqConfig {
-    MasqConfig { network: net(NETWORK), subnet: net(SUBNET), ip_masq, forward_rules, backend }
+    MasqConfig { network: net(NETWORK), subnet: net(SUBNET), ip_masq, forward_rules, ebpf_snat: false, backend }
 }
 
 fn namespace(tag: &str) -> NetNs {

@@ -67,6 +67,12 @@ pub trait Datapath: Send {
     /// For logs: "ebpf" or "netlink".
     fn name(&self) -> &'static str;
 
+    /// True when the datapath masquerades pod → outside traffic itself (then flannel's
+    /// iptables rule for it is left out).
+    fn masquerades(&self) -> bool {
+        false
+    }
+
     /// MTU for pods (FLANNEL_MTU) given the external interface.
     fn pod_mtu(&self, local: &LocalNode) -> u32;
 

@@ -14,6 +14,7 @@ pub const MAP_NAMES: &[&str] = &[
     flannel_common::LEASES_MAP,
     flannel_common::NODE_MAP,
     flannel_common::PEERS_MAP,
+    flannel_common::SNAT_MAP,
     flannel_common::STATS_MAP,
 ];
 

@@ -194,7 +194,7 @@ mod tests {
     use crate::masq::rules::{forward_chain, masq_chain};
 
     fn masq() -> IptChain {
-        masq_chain("10.244.0.0/16".parse().unwrap(), "10.244.1.0/24".parse().unwrap(), true)
+        masq_chain("10.244.0.0/16".parse().unwrap(), "10.244.1.0/24".parse().unwrap(), true, true)
     }
 
     /// iptables-save of a nat table with `chain` installed exactly, plus someone else's rule.
@@ -259,7 +259,7 @@ mod tests {
     /// them, and the jump already present is left where it is.
     #[test]
     fn old_subnet_rules_are_replaced() {
-        let old = masq_chain("10.244.0.0/16".parse().unwrap(), "10.244.7.0/24".parse().unwrap(), true);
+        let old = masq_chain("10.244.0.0/16".parse().unwrap(), "10.244.7.0/24".parse().unwrap(), true, true);
         let chain = masq();
         let saved = SavedTable::parse(&installed(&old));
         let found = problems(&chain, &saved);

@@ -62,6 +62,8 @@ pub struct MasqConfig {
     pub ip_masq: bool,
     /// `--iptables-forward-rules`: the forward chain.
     pub forward_rules: bool,
+    /// The eBPF datapath masquerades pod → outside traffic itself: that one rule is left out.
+    pub ebpf_snat: bool,
     pub backend: Backend,
 }
 

@@ -118,7 +118,7 @@ mod tests {
 
     fn chains(subnet: &str) -> Vec<NftChain> {
         let c = "10.244.0.0/16".parse().unwrap();
-        vec![nft_masq_chain(c, subnet.parse().unwrap()), nft_forward_chain(c)]
+        vec![nft_masq_chain(c, subnet.parse().unwrap(), true), nft_forward_chain(c)]
     }
 
     #[test]

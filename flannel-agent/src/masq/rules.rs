@@ -55,7 +55,9 @@ impl IptChain {
 }
 
 /// The nat chain FLANNEL-POSTRTG for cluster network `network` and node subnet `subnet`.
-pub fn masq_chain(network: Ipv4Net, subnet: Ipv4Net, random_fully: bool) -> IptChain {
+/// Without `pod_masquerade` the pod → outside rule is left out: the eBPF datapath
+/// translates that traffic itself (and would otherwise find it already masqueraded).
+pub fn masq_chain(network: Ipv4Net, subnet: Ipv4Net, random_fully: bool, pod_masquerade: bool) -> IptChain {
     let (c, p) = (network.trunc(), subnet.trunc());
     let masquerade = if random_fully { "MASQUERADE --random-fully" } else { "MASQUERADE" };
     let mut chain = IptChain::new("nat", "POSTROUTING", MASQ_CHAIN, MASQ_COMMENT);
@@ -63,7 +65,9 @@ pub fn masq_chain(network: Ipv4Net, subnet: Ipv4Net, random_fully: bool) -> IptC
     chain.push(&format!("-s {p} -d {c}"), "RETURN");
     chain.push(&format!("-s {c} -d {p}"), "RETURN");
     chain.push(&format!("! -s {c} -d {p}"), "RETURN");
-    chain.push(&format!("-s {c} ! -d {IPV4_MULTICAST}"), masquerade);
+    if pod_masquerade {
+        chain.push(&format!("-s {c} ! -d {IPV4_MULTICAST}"), masquerade);
+    }
     chain.push(&format!("! -s {c} -d {c}"), masquerade);
     chain
 }
@@ -81,7 +85,7 @@ pub fn forward_chain(network: Ipv4Net) -> IptChain {
 pub fn iptables_chains(config: &MasqConfig, random_fully: bool) -> Vec<IptChain> {
     let mut chains = Vec::new();
     if config.ip_masq {
-        chains.push(masq_chain(config.network, config.subnet, random_fully));
+        chains.push(masq_chain(config.network, config.subnet, random_fully, !config.ebpf_snat));
     }
     if config.forward_rules {
         chains.push(forward_chain(config.network));
@@ -106,9 +110,9 @@ pub struct NftChain {
 }
 
 /// The `postrtg` chain: the same decisions as FLANNEL-POSTRTG, in the same order.
-pub fn nft_masq_chain(network: Ipv4Net, subnet: Ipv4Net) -> NftChain {
+pub fn nft_masq_chain(network: Ipv4Net, subnet: Ipv4Net, pod_masquerade: bool) -> NftChain {
     let (c, p) = (network.trunc(), subnet.trunc());
-    NftChain {
+    let mut chain = NftChain {
         name: NFT_MASQ_CHAIN,
         base: "type nat hook postrouting priority srcnat;",
         comment: "chain to manage traffic masquerading by flannel",
@@ -121,7 +125,11 @@ pub fn nft_masq_chain(network: Ipv4Net, subnet: Ipv4Net) -> NftChain {
             format!("ip saddr {c} ip daddr != {IPV4_MULTICAST} masquerade fully-random"),
             format!("ip saddr != {c} ip daddr {c} masquerade fully-random"),
         ],
+    };
+    if !pod_masquerade {
+        chain.rules.remove(4);
     }
+    chain
 }
 
 /// The `forward` chain accepting traffic from and to the cluster network.
@@ -139,7 +147,7 @@ pub fn nft_forward_chain(network: Ipv4Net) -> NftChain {
 pub fn nft_chains(config: &MasqConfig) -> Vec<NftChain> {
     let mut chains = Vec::new();
     if config.ip_masq {
-        chains.push(nft_masq_chain(config.network, config.subnet));
+        chains.push(nft_masq_chain(config.network, config.subnet, !config.ebpf_snat));
     }
     if config.forward_rules {
         chains.push(nft_forward_chain(config.network));
@@ -178,6 +186,7 @@ mod tests {
             subnet: net("10.244.1.0/24"),
             ip_masq,
             forward_rules,
+            ebpf_snat: false,
             backend: Backend::Iptables,
         }
     }
@@ -186,7 +195,7 @@ mod tests {
     /// prints them.
     #[test]
     fn masq_chain_is_flannels() {
-        let chain = masq_chain(net("10.244.0.0/16"), net("10.244.1.0/24"), true);
+        let chain = masq_chain(net("10.244.0.0/16"), net("10.244.1.0/24"), true, true);
         assert_eq!((chain.table, chain.hook, chain.chain), ("nat", "POSTROUTING", "FLANNEL-POSTRTG"));
         assert_eq!(chain.jump, r#"-A POSTROUTING -m comment --comment "flanneld masq" -j FLANNEL-POSTRTG"#);
         assert_eq!(
@@ -205,7 +214,7 @@ mod tests {
     /// flannel drops --random-fully when iptables cannot do it (older than 1.6.2).
     #[test]
     fn masq_chain_without_random_fully() {
-        let chain = masq_chain(net("10.244.0.0/16"), net("10.244.1.0/24"), false);
+        let chain = masq_chain(net("10.244.0.0/16"), net("10.244.1.0/24"), false, true);
         assert_eq!(
             chain.rules[4],
             r#"-A FLANNEL-POSTRTG -s 10.244.0.0/16 ! -d 224.0.0.0/4 -m comment --comment "flanneld masq" -j MASQUERADE"#
@@ -235,7 +244,7 @@ mod tests {
     /// Addresses are printed as networks, as iptables-save and nft print them.
     #[test]
     fn host_bits_are_dropped() {
-        let chain = masq_chain(net("10.244.3.7/16"), net("10.244.1.9/24"), true);
+        let chain = masq_chain(net("10.244.3.7/16"), net("10.244.1.9/24"), true, true);
         assert!(chain.rules[1].contains("-s 10.244.1.0/24 -d 10.244.0.0/16 "), "{}", chain.rules[1]);
         assert_eq!(nft_forward_chain(net("10.244.3.7/16")).rules[0], "ip saddr 10.244.0.0/16 accept");
     }

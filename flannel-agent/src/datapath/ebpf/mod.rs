@@ -6,13 +6,16 @@
 //! | `fl_pod_egress`       | TC ingress of the pod bridge | pods → remote subnets: encap / host-gw |
 //! | `fl_host_egress`      | TC egress of `fl_host`       | the node → remote subnets, same        |
 //! | `fl_underlay_ingress` | XDP on the external interface | VXLAN from lease holders: decap       |
+//! | `fl_snat_egress`      | TC egress of the external interface | pod → outside: masquerade (`--ip-masq`) |
+//! | `fl_snat_ingress`     | TC ingress of the external interface | replies: back to the pod         |
 //!
-//! State lives in pinned maps under `<--bpf-pin-path>/maps` (see [`table`] and `fl_node_v1`),
+//! State lives in pinned maps under `<--bpf-pin-path>/maps` (see [`table`] and `fl_node_v2`),
 //! links under `<--bpf-pin-path>/links/<interface>/<program>`. A restarted agent reuses the
 //! maps, reconciles them with etcd (mark and sweep) and swaps its programs into the pinned
 //! links, so forwarding never stops.
 
 pub mod host;
+pub mod snat;
 pub mod table;
 
 use std::{
@@ -31,6 +34,7 @@ use rtnetlink::Handle;
 
 use self::{
     host::{HOST_DEVICE, HOST_PEER},
+    snat::{SnatOptions, SnatTable},
     table::LeaseTable,
 };
 use super::{kernel, netlink::DEFAULT_VXLAN_PORT, pod_mtu, Datapath, LeaseEvent, LocalNode};
@@ -47,6 +51,8 @@ use crate::{
 pub const POD_EGRESS: &str = "fl_pod_egress";
 pub const HOST_EGRESS: &str = "fl_host_egress";
 pub const UNDERLAY_INGRESS: &str = "fl_underlay_ingress";
+pub const SNAT_EGRESS: &str = "fl_snat_egress";
+pub const SNAT_INGRESS: &str = "fl_snat_ingress";
 
 /// TCX links, which make TC programs pinnable and atomically replaceable, came in 6.6.
 const MIN_KERNEL: (u32, u32) = (6, 6);
@@ -57,6 +63,8 @@ pub struct EbpfOptions {
     pub pin_root: PathBuf,
     /// The bridge pods are attached to (the CNI bridge, `cni0` by default).
     pub pod_bridge: String,
+    /// `--ip-masq`: masquerade pod → outside traffic in eBPF with these settings.
+    pub masquerade: Option<SnatOptions>,
 }
 
 pub struct EbpfDatapath {
@@ -64,6 +72,7 @@ pub struct EbpfDatapath {
     options: EbpfOptions,
     ebpf: Ebpf,
     table: LeaseTable,
+    snat: SnatTable,
     node: Array<MapData, NodeConfig>,
     local: Option<LocalNode>,
     /// (interface, program) → the interface index it was attached at by this process.
@@ -88,7 +97,10 @@ impl EbpfDatapath {
         links::loaded::<SchedClassifier>(&mut ebpf, POD_EGRESS)?;
         links::loaded::<SchedClassifier>(&mut ebpf, HOST_EGRESS)?;
         links::loaded::<Xdp>(&mut ebpf, UNDERLAY_INGRESS)?;
+        links::loaded::<SchedClassifier>(&mut ebpf, SNAT_EGRESS)?;
+        links::loaded::<SchedClassifier>(&mut ebpf, SNAT_INGRESS)?;
         let table = LeaseTable::take(&mut ebpf)?;
+        let snat = SnatTable::take(&mut ebpf)?;
         let node = ebpf.take_map(NODE_MAP).with_context(|| format!("map {NODE_MAP} is not in the eBPF object"))?;
         let node = Array::try_from(node).with_context(|| format!("{NODE_MAP} is not an array"))?;
         let (connection, handle, _) = rtnetlink::new_connection().context("opening an rtnetlink socket")?;
@@ -99,6 +111,7 @@ impl EbpfDatapath {
             options,
             ebpf,
             table,
+            snat,
             node,
             local: None,
             attached: BTreeMap::new(),
@@ -117,6 +130,7 @@ impl EbpfDatapath {
             Backend::Vxlan(v) => (v.vni, if v.port == 0 { DEFAULT_VXLAN_PORT } else { v.port }),
             _ => (0, 0),
         };
+        let masquerade = self.options.masquerade;
         let config = NodeConfig {
             public_ip: local.public_ip.octets(),
             vtep_mac: local.vtep_mac.map(|m| m.0).unwrap_or_default(),
@@ -124,6 +138,13 @@ impl EbpfDatapath {
             vxlan_port,
             ext_ifindex: local.external.index,
             ext_mac: ext_mac.0,
+            network: local.network.network().octets(),
+            network_prefix: local.network.prefix_len(),
+            snat: u8::from(masquerade.is_some()),
+            // MASQUERADE's choice: the address of the interface the packet leaves through.
+            snat_ip: local.external.address.octets(),
+            snat_port_min: masquerade.map_or(0, |m| m.port_min),
+            snat_port_max: masquerade.map_or(0, |m| m.port_max),
             ..Default::default()
         };
         if self.node.get(&0, 0).ok() != Some(config) {
@@ -149,6 +170,33 @@ impl EbpfDatapath {
         }
         links::attach(&mut self.ebpf, program, interface, hook, &self.options.pin_root)?;
         self.attached.insert(key, index);
+        Ok(())
+    }
+
+    /// Attaches the masquerade programs to the external interface with `--ip-masq`, and
+    /// detaches them (translating nothing) without it.
+    fn set_masquerade(&mut self, local: &LocalNode) -> Result<()> {
+        let ext = &local.external;
+        if self.options.masquerade.is_some() {
+            self.attach_once(SNAT_EGRESS, &ext.name, ext.index, Hook::TcEgress)?;
+            self.attach_once(SNAT_INGRESS, &ext.name, ext.index, Hook::TcIngress)
+        } else {
+            for program in [SNAT_EGRESS, SNAT_INGRESS] {
+                if links::detach(&self.options.pin_root, &ext.name, program)? {
+                    tracing::info!(interface = ext.name, program, "masquerade is off (--ip-masq=false): detached");
+                }
+            }
+            Ok(())
+        }
+    }
+
+    /// Removes idle masquerade translations (run at every resync).
+    fn sweep_masquerade(&mut self) -> Result<()> {
+        let Some(options) = self.options.masquerade else { return Ok(()) };
+        let sweep = self.snat.sweep(&options, snat::monotonic_ns())?;
+        if sweep.removed > 0 {
+            tracing::debug!(removed = sweep.removed, kept = sweep.kept, "idle masquerade translations removed");
+        }
         Ok(())
     }
 
@@ -292,6 +340,7 @@ impl Datapath for EbpfDatapath {
             }
             _ => None,
         };
+        self.set_masquerade(local)?;
         self.attach_pod_bridge().await?;
         if !self.classic_removed {
             host::remove_classic_leftovers(&self.handle, local, vni).await?;
@@ -320,8 +369,13 @@ impl Datapath for EbpfDatapath {
         Ok(())
     }
 
+    fn masquerades(&self) -> bool {
+        self.options.masquerade.is_some()
+    }
+
     async fn reconcile(&mut self, leases: &[Lease]) -> Result<()> {
         self.table.reconcile(leases)?;
+        self.sweep_masquerade()?;
         self.attach_pod_bridge().await?;
         self.resolve_missing_neighbours().await
     }
