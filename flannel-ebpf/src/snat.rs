@@ -10,6 +10,11 @@
 //! - `fl_snat_ingress` (TC ingress): a reply to one of those ports is translated back to the
 //!   pod before the stack routes it.
 //!
+//! Like MASQUERADE, which only ever translates a connection's first packet, replies of
+//! connections that outside hosts open to pods (host-gw, NodePorts) must keep the pod's
+//! address: TCP mappings are only created by a SYN, and a UDP flow that arrives for a local
+//! pod from outside the cluster is recorded as an identity entry that egress leaves alone.
+//!
 //! Both rewrite L3 and L4 checksums incrementally (pseudo-header included; a zero UDP
 //! checksum stays zero). A half the LRU evicted is restored from the other one and counted.
 //! Non-first IP fragments carry no ports and pass untranslated, as do ICMP errors.
@@ -34,6 +39,9 @@ const IP_SRC_OFF: usize = ETH_HLEN + 12;
 const IP_DST_OFF: usize = ETH_HLEN + 16;
 const IP_CSUM_OFF: usize = ETH_HLEN + 10;
 const ICMP_ECHO_REPLY: u8 = 0;
+const TCP_FLAGS_OFF: usize = 13;
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
 const ICMP_ECHO_REQUEST: u8 = 8;
 /// Candidate ports tried for a new connection before giving up.
 const PORT_ATTEMPTS: u32 = 16;
@@ -177,17 +185,35 @@ fn snat_egress(ctx: &TcContext) -> Result<(), Stat> {
             // SAFETY: a map value pointer valid for this program run; racing writers only
             // ever store a newer timestamp.
             let entry = unsafe { &mut *entry };
+            if entry.to_ip == flow.src {
+                // A reply of a connection from outside to the pod (see fl_snat_ingress).
+                if now.wrapping_sub(entry.last_seen_ns) > REFRESH_NS {
+                    entry.last_seen_ns = now;
+                }
+                return Ok(());
+            }
             if now.wrapping_sub(entry.last_seen_ns) > REFRESH_NS {
                 entry.last_seen_ns = now;
                 restore_reply_half(&flow, entry, now);
             }
             (entry.to_ip, entry.to_port)
         }
+        None if !opens_connection(ctx, &flow) => return Ok(()),
         None => new_mapping(&flow, &key, &node, now)?,
     };
     rewrite(ctx, &flow, true, nat_ip, nat_port)?;
     count(Stat::SnatTranslated);
     Ok(())
+}
+
+/// Whether a packet without a mapping may start one: a TCP SYN (anything else is a reply or
+/// the middle of a connection MASQUERADE never translated); any UDP datagram or echo request.
+#[inline(always)]
+fn opens_connection(ctx: &TcContext, flow: &Flow) -> bool {
+    if flow.proto != IPPROTO_TCP {
+        return true;
+    }
+    ctx.load::<u8>(flow.l4 + TCP_FLAGS_OFF).is_ok_and(|flags| flags & (TCP_SYN | TCP_ACK) == TCP_SYN)
 }
 
 /// The reply-side key for `flow` translated to `nat_ip:nat_port`.
@@ -256,6 +282,7 @@ fn snat_ingress(ctx: &TcContext) -> Result<(), Stat> {
     }
     let Some(flow) = parse(ctx, ICMP_ECHO_REPLY) else { return Ok(()) };
     if flow.dst != node.snat_ip {
+        note_inbound_udp(&flow, &node);
         return Ok(());
     }
     let key = SnatKey {
@@ -295,6 +322,38 @@ fn snat_ingress(ctx: &TcContext) -> Result<(), Stat> {
     rewrite(ctx, &flow, false, pod_ip, pod_port)?;
     count(Stat::SnatReplyTranslated);
     Ok(())
+}
+
+/// A UDP flow from outside the cluster to a local pod: its replies must leave with the pod's
+/// address, so an identity entry is recorded under the reply's egress key.
+#[inline(always)]
+fn note_inbound_udp(flow: &Flow, node: &NodeConfig) {
+    if flow.proto != IPPROTO_UDP || in_network(flow.src, node) || !in_network(flow.dst, node) {
+        return;
+    }
+    let reply = SnatKey {
+        src_ip: flow.dst,
+        dst_ip: flow.src,
+        src_port: flow.dst_port,
+        dst_port: flow.src_port,
+        proto: flow.proto,
+        direction: SNAT_EGRESS,
+        _pad: [0; 2],
+    };
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    match SNAT.get_ptr_mut(&reply) {
+        // SAFETY: as in snat_egress.
+        Some(entry) => unsafe {
+            if now.wrapping_sub((*entry).last_seen_ns) > REFRESH_NS {
+                (*entry).last_seen_ns = now;
+            }
+        },
+        None => {
+            let identity = SnatEntry { to_ip: flow.dst, to_port: flow.dst_port, _pad: 0, last_seen_ns: now };
+            let _ = SNAT.insert(&reply, &identity, BPF_NOEXIST as u64);
+        }
+    }
 }
 
 /// Rewrites the source (egress) or destination (ingress) address and port, fixing the IPv4

@@ -3,6 +3,8 @@
 use std::net::Ipv4Addr;
 
 pub const ETH_P_IP: u16 = 0x0800;
+pub const IPPROTO_ICMP: u8 = 1;
+pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 pub const ETH_HLEN: usize = 14;
 pub const IPV4_HLEN: usize = 20;
@@ -39,6 +41,71 @@ pub fn udp4(
     udp[6..8].copy_from_slice(&checksum.to_be_bytes());
     frame.extend_from_slice(&udp);
     frame
+}
+
+/// Fixed MACs for frames whose L2 addresses do not matter (BPF_PROG_TEST_RUN classifies a
+/// frame for the all-zero address as PACKET_HOST).
+const ANY_MACS: [u8; 12] = [0, 0, 0, 0, 0, 0, 0x02, 0, 0, 0, 0, 0x01];
+
+fn ipv4_frame(src: Ipv4Addr, dst: Ipv4Addr, protocol: u8, segment: &[u8]) -> Vec<u8> {
+    let mut frame = Vec::with_capacity(ETH_HLEN + IPV4_HLEN + segment.len());
+    frame.extend_from_slice(&ANY_MACS);
+    frame.extend_from_slice(&ETH_P_IP.to_be_bytes());
+    frame.extend_from_slice(&ipv4_header(src, dst, protocol, segment.len() as u16));
+    frame.extend_from_slice(segment);
+    frame
+}
+
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_SYN_ACK: u8 = 0x12;
+pub const TCP_PSH_ACK: u8 = 0x18;
+
+/// An Ethernet + IPv4 + TCP (20-byte header, ACK|PSH) frame with valid checksums.
+pub fn tcp4(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+    tcp4_flags(src, dst, sport, dport, TCP_PSH_ACK, payload)
+}
+
+/// As [`tcp4`] with the given TCP flags byte.
+pub fn tcp4_flags(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, flags: u8, payload: &[u8]) -> Vec<u8> {
+    let mut tcp = vec![0u8; 20];
+    tcp[0..2].copy_from_slice(&sport.to_be_bytes());
+    tcp[2..4].copy_from_slice(&dport.to_be_bytes());
+    tcp[4..8].copy_from_slice(&1_000_000u32.to_be_bytes());
+    tcp[12] = 5 << 4;
+    tcp[13] = flags;
+    tcp[14..16].copy_from_slice(&64240u16.to_be_bytes());
+    tcp.extend_from_slice(payload);
+    let c = l4_checksum(src, dst, IPPROTO_TCP, &tcp);
+    tcp[16..18].copy_from_slice(&c.to_be_bytes());
+    ipv4_frame(src, dst, IPPROTO_TCP, &tcp)
+}
+
+/// An Ethernet + IPv4 + ICMP echo frame (`icmp_type` 8 request, 0 reply).
+pub fn icmp_echo4(src: Ipv4Addr, dst: Ipv4Addr, icmp_type: u8, id: u16, seq: u16) -> Vec<u8> {
+    let mut icmp = vec![icmp_type, 0, 0, 0];
+    icmp.extend_from_slice(&id.to_be_bytes());
+    icmp.extend_from_slice(&seq.to_be_bytes());
+    icmp.extend_from_slice(b"flannel-rs ping");
+    let c = checksum(&icmp);
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    ipv4_frame(src, dst, IPPROTO_ICMP, &icmp)
+}
+
+/// Whether an Ethernet + IPv4 frame's IPv4 and L4 checksums verify (a UDP checksum of 0
+/// means "none" and verifies).
+pub fn checksums_valid(frame: &[u8]) -> bool {
+    let ip = &frame[ETH_HLEN..ETH_HLEN + IPV4_HLEN];
+    if checksum(ip) != 0 {
+        return false;
+    }
+    let (src, dst) = (Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]), Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]));
+    let segment = &frame[ETH_HLEN + IPV4_HLEN..];
+    match ip[9] {
+        IPPROTO_UDP if segment[6..8] == [0, 0] => true,
+        IPPROTO_TCP | IPPROTO_UDP => l4_checksum(src, dst, ip[9], segment) == 0,
+        IPPROTO_ICMP => checksum(segment) == 0,
+        _ => true,
+    }
 }
 
 /// A VXLAN frame as flannel's kernel vxlan device sends it: outer Ethernet/IPv4/UDP (checksum

@@ -16,10 +16,21 @@ use crate::NetNs;
 /// returns the peer address the server saw.
 pub fn tcp_source_seen(server: &NetNs, server_ip: Ipv4Addr, client: &NetNs, port: u16) -> Result<SocketAddr> {
     let listener = server.run_in(move || TcpListener::bind((server_ip, port)))??;
-    listener.set_nonblocking(false)?;
+    // Polled with a deadline: a connection that never arrives fails the test, not hangs it.
+    listener.set_nonblocking(true)?;
     std::thread::scope(|scope| {
         let accepted = scope.spawn(move || -> Result<SocketAddr> {
-            let (mut stream, peer) = listener.accept()?;
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let (mut stream, peer) = loop {
+                match listener.accept() {
+                    Ok(accepted) => break accepted,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(5))
+                    }
+                    Err(e) => return Err(e).with_context(|| format!("no connection to {server_ip}:{port}")),
+                }
+            };
+            stream.set_nonblocking(false)?;
             stream.set_read_timeout(Some(Duration::from_secs(5)))?;
             let mut buf = [0u8; 5];
             stream.read_exact(&mut buf)?;

@@ -84,6 +84,11 @@ fn connectivity(lab: &Lab) {
                 _ => counter(lab, node, "host-gw-forwarded"),
             };
             assert!(forwarded > 0, "node {node}'s programs forwarded nothing: {}", lab.inspect(node).unwrap());
+            // Masquerade too: flannel's pod → outside iptables rule is not installed.
+            assert!(counter(lab, node, "snat-translated") > 0, "node {node} masqueraded nothing in eBPF");
+            let nat =
+                flannel_tests::lab::output(lab.nodes[node].ns.command("iptables-save").args(["-t", "nat"])).unwrap();
+            assert!(!nat.contains("! -d 224.0.0.0/4"), "node {node} still has the pod MASQUERADE rule:\n{nat}");
         }
     }
 }

@@ -14,6 +14,30 @@ use flannel_common::{LeaseEntry, LeaseKind, NodeConfig, LEASES_MAP, NODE_MAP, PE
 
 pub const EXT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0xee, 0x11];
 
+/// Node 192.0.2.10 of cluster network 10.244.0.0/16 masquerading to its address with source
+/// ports `port_min..=port_max`; the masquerade programs loaded.
+pub fn snat_object(port_min: u16, port_max: u16) -> anyhow::Result<Ebpf> {
+    let mut ebpf = object::load_unpinned()?;
+    let mut node: Array<_, NodeConfig> = Array::try_from(ebpf.map_mut(NODE_MAP).expect("map"))?;
+    let config = NodeConfig {
+        public_ip: [192, 0, 2, 10],
+        ext_ifindex: 1,
+        network: [10, 244, 0, 0],
+        network_prefix: 16,
+        snat: 1,
+        snat_ip: [192, 0, 2, 10],
+        snat_port_min: port_min,
+        snat_port_max: port_max,
+        ..Default::default()
+    };
+    node.set(0, config, 0)?;
+    for name in ["fl_snat_egress", "fl_snat_ingress"] {
+        let program: &mut SchedClassifier = ebpf.program_mut(name).expect("program").try_into()?;
+        program.load()?;
+    }
+    Ok(ebpf)
+}
+
 pub fn lease(public_ip: Ipv4Addr, kind: LeaseKind, vtep_mac: [u8; 6]) -> LeaseEntry {
     LeaseEntry { public_ip: public_ip.octets(), vtep_mac, kind: kind as u8, _pad: 0, vni: 1 }
 }

@@ -44,6 +44,11 @@ impl SnatTable {
         Ok(SnatTable { map })
     }
 
+    /// Every entry (both halves of every translation).
+    pub fn entries(&self) -> Result<Vec<(SnatKey, SnatEntry)>> {
+        self.map.iter().collect::<Result<_, _>>().with_context(|| format!("iterating {SNAT_MAP}"))
+    }
+
     /// Removes every translation idle for longer than its timeout at monotonic time `now_ns`.
     /// A pair goes together; a half whose partner is gone goes once it is idle itself.
     pub fn sweep(&mut self, options: &SnatOptions, now_ns: u64) -> Result<Sweep> {
