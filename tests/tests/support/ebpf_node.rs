@@ -1,6 +1,8 @@
 //! The eBPF object configured as one node of a two-node vxlan cluster, with the forwarding
 //! programs loaded — shared by the BPF_PROG_TEST_RUN tests and the datapath benchmark
 //! (included with `#[path]`).
+// Included by several test and bench crates, each of which uses a part.
+#![allow(dead_code)]
 
 use std::net::Ipv4Addr;
 
