@@ -11,6 +11,9 @@ pub const SNAT_MAP: &str = "fl_snat_v1";
 /// Both halves count: this many entries hold half as many connections.
 pub const SNAT_MAX_ENTRIES: u32 = 131072;
 
+/// A TCP FIN or RST was seen: the agent expires the pair after a short TIME_WAIT-like delay.
+pub const SNAT_FLAG_CLOSING: u16 = 1;
+
 pub const SNAT_EGRESS: u8 = 0;
 pub const SNAT_INGRESS: u8 = 1;
 
@@ -40,7 +43,8 @@ pub struct SnatEntry {
     pub to_ip: [u8; 4],
     /// Egress: the new source port; ingress: the pod's port.
     pub to_port: u16,
-    pub _pad: u16,
+    /// [`SNAT_FLAG_CLOSING`] once a TCP FIN or RST went through this half.
+    pub flags: u16,
     /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) of the last packet, refreshed at most once a
     /// second; the agent sweeps pairs idle longer than `--snat-idle-timeout`.
     pub last_seen_ns: u64,

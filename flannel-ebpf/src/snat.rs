@@ -27,7 +27,7 @@ use aya_ebpf::{
 };
 use flannel_common::{
     node::NodeConfig,
-    snat::{SnatEntry, SnatKey, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, SNAT_EGRESS, SNAT_INGRESS},
+    snat::{SnatEntry, SnatKey, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, SNAT_EGRESS, SNAT_FLAG_CLOSING, SNAT_INGRESS},
     stats::Stat,
 };
 
@@ -40,7 +40,9 @@ const IP_DST_OFF: usize = ETH_HLEN + 16;
 const IP_CSUM_OFF: usize = ETH_HLEN + 10;
 const ICMP_ECHO_REPLY: u8 = 0;
 const TCP_FLAGS_OFF: usize = 13;
+const TCP_FIN: u8 = 0x01;
 const TCP_SYN: u8 = 0x02;
+const TCP_RST: u8 = 0x04;
 const TCP_ACK: u8 = 0x10;
 const ICMP_ECHO_REQUEST: u8 = 8;
 /// Candidate ports tried for a new connection before giving up.
@@ -196,6 +198,7 @@ fn snat_egress(ctx: &TcContext) -> Result<(), Stat> {
                 entry.last_seen_ns = now;
                 restore_reply_half(&flow, entry, now);
             }
+            note_closing(ctx, &flow, entry);
             (entry.to_ip, entry.to_port)
         }
         None if !opens_connection(ctx, &flow) => return Ok(()),
@@ -204,6 +207,16 @@ fn snat_egress(ctx: &TcContext) -> Result<(), Stat> {
     rewrite(ctx, &flow, true, nat_ip, nat_port)?;
     count(Stat::SnatTranslated);
     Ok(())
+}
+
+/// Marks a TCP translation whose FIN or RST passes, so the agent expires it soon after.
+#[inline(always)]
+fn note_closing(ctx: &TcContext, flow: &Flow, entry: &mut SnatEntry) {
+    if flow.proto == IPPROTO_TCP && entry.flags & SNAT_FLAG_CLOSING == 0 {
+        if ctx.load::<u8>(flow.l4 + TCP_FLAGS_OFF).is_ok_and(|f| f & (TCP_FIN | TCP_RST) != 0) {
+            entry.flags |= SNAT_FLAG_CLOSING;
+        }
+    }
 }
 
 /// Whether a packet without a mapping may start one: a TCP SYN (anything else is a reply or
@@ -235,7 +248,7 @@ fn reply_key(flow: &Flow, nat_ip: [u8; 4], nat_port: u16) -> SnatKey {
 fn restore_reply_half(flow: &Flow, forward: &SnatEntry, now: u64) {
     let key = reply_key(flow, forward.to_ip, forward.to_port);
     if SNAT.get_ptr(&key).is_none() {
-        let back = SnatEntry { to_ip: flow.src, to_port: flow.src_port, _pad: 0, last_seen_ns: now };
+        let back = SnatEntry { to_ip: flow.src, to_port: flow.src_port, flags: 0, last_seen_ns: now };
         if SNAT.insert(&key, &back, BPF_NOEXIST as u64).is_ok() {
             count(Stat::SnatRestored);
         }
@@ -248,7 +261,7 @@ fn restore_reply_half(flow: &Flow, forward: &SnatEntry, now: u64) {
 fn new_mapping(flow: &Flow, key: &SnatKey, node: &NodeConfig, now: u64) -> Result<([u8; 4], u16), Stat> {
     let (min, max) = (u32::from(node.snat_port_min), u32::from(node.snat_port_max));
     let span = max.saturating_sub(min) + 1;
-    let back = SnatEntry { to_ip: flow.src, to_port: flow.src_port, _pad: 0, last_seen_ns: now };
+    let back = SnatEntry { to_ip: flow.src, to_port: flow.src_port, flags: 0, last_seen_ns: now };
     let mut attempt = 0;
     while attempt < PORT_ATTEMPTS {
         let port = if attempt == 0 && (min..=max).contains(&u32::from(flow.src_port)) {
@@ -262,7 +275,7 @@ fn new_mapping(flow: &Flow, key: &SnatKey, node: &NodeConfig, now: u64) -> Resul
         if SNAT.insert(&reply_key(flow, node.snat_ip, port), &back, BPF_NOEXIST as u64).is_err() {
             continue;
         }
-        let forward = SnatEntry { to_ip: node.snat_ip, to_port: port, _pad: 0, last_seen_ns: now };
+        let forward = SnatEntry { to_ip: node.snat_ip, to_port: port, flags: 0, last_seen_ns: now };
         if SNAT.insert(key, &forward, 0).is_err() {
             let _ = SNAT.remove(&reply_key(flow, node.snat_ip, port));
             return Err(Stat::DropSnatNoPort);
@@ -312,12 +325,13 @@ fn snat_ingress(ctx: &TcContext) -> Result<(), Stat> {
             _pad: [0; 2],
         };
         if SNAT.get_ptr(&forward_key).is_none() {
-            let forward = SnatEntry { to_ip: flow.dst, to_port: flow.dst_port, _pad: 0, last_seen_ns: now };
+            let forward = SnatEntry { to_ip: flow.dst, to_port: flow.dst_port, flags: 0, last_seen_ns: now };
             if SNAT.insert(&forward_key, &forward, BPF_NOEXIST as u64).is_ok() {
                 count(Stat::SnatRestored);
             }
         }
     }
+    note_closing(ctx, &flow, entry);
     let (pod_ip, pod_port) = (entry.to_ip, entry.to_port);
     rewrite(ctx, &flow, false, pod_ip, pod_port)?;
     count(Stat::SnatReplyTranslated);
@@ -350,7 +364,7 @@ fn note_inbound_udp(flow: &Flow, node: &NodeConfig) {
             }
         },
         None => {
-            let identity = SnatEntry { to_ip: flow.dst, to_port: flow.dst_port, _pad: 0, last_seen_ns: now };
+            let identity = SnatEntry { to_ip: flow.dst, to_port: flow.dst_port, flags: 0, last_seen_ns: now };
             let _ = SNAT.insert(&reply, &identity, BPF_NOEXIST as u64);
         }
     }

@@ -260,6 +260,26 @@ fn the_agent_sweeps_pairs_idle_past_their_protocol_timeout() {
     assert_eq!(table.sweep(&options, much_later).unwrap().removed, 2);
 }
 
+#[test]
+fn a_closed_tcp_translation_expires_after_time_wait_not_the_idle_timeout() {
+    let mut ebpf = setup(1024, 32767);
+    let (_, out) = egress(&ebpf, &packet::tcp4_flags(POD, OUTSIDE, 40000, 443, TCP_SYN, b""));
+    let port = src(&out).1;
+    egress(&ebpf, &packet::tcp4_flags(POD, OUTSIDE, 40001, 443, TCP_SYN, b""));
+    // The first connection's server closes it.
+    ingress(&ebpf, &packet::tcp4_flags(OUTSIDE, NODE, 443, port, 0x11, b""));
+    let options = SnatOptions {
+        port_min: 1024,
+        port_max: 32767,
+        tcp_idle: Duration::from_secs(86400),
+        other_idle: Duration::from_secs(180),
+    };
+    let mut table = SnatTable::take(&mut ebpf).unwrap();
+    let later = monotonic_ns() + Duration::from_secs(300).as_nanos() as u64;
+    let sweep = table.sweep(&options, later).unwrap();
+    assert_eq!((sweep.removed, sweep.kept), (2, 2), "only the closed pair went");
+}
+
 fn table_protocols(table: &mut SnatTable) -> Vec<u8> {
     table.entries().unwrap().into_iter().map(|(k, _)| k.proto).collect()
 }

@@ -10,9 +10,12 @@ use aya::{
     Ebpf,
 };
 use flannel_common::{
-    snat::{IPPROTO_TCP, SNAT_EGRESS, SNAT_INGRESS},
+    snat::{IPPROTO_TCP, SNAT_EGRESS, SNAT_FLAG_CLOSING, SNAT_INGRESS},
     SnatEntry, SnatKey, SNAT_MAP,
 };
+
+/// How long a TCP translation lives after its FIN or RST: conntrack's TIME_WAIT.
+pub const TCP_CLOSING_IDLE: Duration = Duration::from_secs(120);
 
 /// Masquerade settings (`--ip-masq` on).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -54,15 +57,22 @@ impl SnatTable {
     pub fn sweep(&mut self, options: &SnatOptions, now_ns: u64) -> Result<Sweep> {
         let entries: StdHashMap<SnatKey, SnatEntry> =
             self.map.iter().collect::<Result<_, _>>().with_context(|| format!("iterating {SNAT_MAP}"))?;
-        let idle = |key: &SnatKey, entry: &SnatEntry| {
-            let limit = if key.proto == IPPROTO_TCP { options.tcp_idle } else { options.other_idle };
+        let idle = |key: &SnatKey, entry: &SnatEntry, closing: bool| {
+            let limit = match key.proto {
+                IPPROTO_TCP if closing => TCP_CLOSING_IDLE.min(options.tcp_idle),
+                IPPROTO_TCP => options.tcp_idle,
+                _ => options.other_idle,
+            };
             now_ns.saturating_sub(entry.last_seen_ns) > limit.as_nanos() as u64
         };
         let mut doomed = Vec::new();
         for (key, entry) in &entries {
-            let partner = partner_key(key, entry);
-            let partner_idle = entries.get(&partner).is_none_or(|p| idle(&partner, p));
-            if idle(key, entry) && partner_idle {
+            let partner_key = partner_key(key, entry);
+            let partner = entries.get(&partner_key);
+            // Either half having seen the FIN/RST closes the pair.
+            let closing = (entry.flags | partner.map_or(0, |p| p.flags)) & SNAT_FLAG_CLOSING != 0;
+            let partner_idle = partner.is_none_or(|p| idle(&partner_key, p, closing));
+            if idle(key, entry, closing) && partner_idle {
                 doomed.push(*key);
             }
         }
@@ -124,13 +134,13 @@ mod tests {
             direction: SNAT_EGRESS,
             _pad: [0; 2],
         };
-        let to = SnatEntry { to_ip: [192, 0, 2, 10], to_port: 2000, _pad: 0, last_seen_ns: 0 };
+        let to = SnatEntry { to_ip: [192, 0, 2, 10], to_port: 2000, flags: 0, last_seen_ns: 0 };
         let reply = partner_key(&forward, &to);
         assert_eq!(
             (reply.src_ip, reply.dst_ip, reply.src_port, reply.dst_port, reply.direction),
             ([203, 0, 113, 10], [192, 0, 2, 10], 443, 2000, SNAT_INGRESS)
         );
-        let back = SnatEntry { to_ip: [10, 244, 1, 2], to_port: 40000, _pad: 0, last_seen_ns: 0 };
+        let back = SnatEntry { to_ip: [10, 244, 1, 2], to_port: 40000, flags: 0, last_seen_ns: 0 };
         assert_eq!(partner_key(&reply, &back), forward);
     }
 }
