@@ -3,7 +3,12 @@
 //! latency of one lease change, and the agent's peak RSS with N leases. Real etcd, real
 //! agent binary, real eBPF map; prints a markdown table.
 //!
-//! Arguments: `--leases N` (default 10000), `--quick` (1000 leases, fewer rounds).
+//! The agent binary is measured per datapath (eBPF map updates vs netlink routes + FDB +
+//! neighbours) with 1,000 and 10,000 leases: start → READY=1, which the agent only reports
+//! once the datapath holds every lease.
+//!
+//! Arguments: `--leases N` (default 10000), `--quick` (1000 leases, fewer rounds), `--smoke`
+//! (100 leases: the harness end to end for `cargo xtask test`; numbers meaningless).
 
 use std::{
     net::Ipv4Addr,
@@ -35,19 +40,38 @@ const PREFIX: &str = "/coreos.com/network";
 
 struct Args {
     leases: usize,
+    /// Lease counts the agent binary is measured with, per datapath.
+    agent_sizes: Vec<usize>,
     rounds: usize,
     events: usize,
 }
 
 fn parse_args() -> Args {
     let argv: Vec<String> = std::env::args().collect();
-    let quick = argv.iter().any(|a| a == "--quick");
-    let leases = argv
-        .iter()
-        .position(|a| a == "--leases")
-        .and_then(|i| argv.get(i + 1)?.parse().ok())
-        .unwrap_or(if quick { 1000 } else { 10_000 });
-    Args { leases, rounds: if quick { 1 } else { 3 }, events: if quick { 50 } else { 300 } }
+    let smoke = argv.iter().any(|a| a == "--smoke");
+    let quick = smoke || argv.iter().any(|a| a == "--quick");
+    let leases =
+        argv.iter().position(|a| a == "--leases").and_then(|i| argv.get(i + 1)?.parse().ok()).unwrap_or(if smoke {
+            100
+        } else if quick {
+            1000
+        } else {
+            10_000
+        });
+    let explicit = argv.iter().any(|a| a == "--leases");
+    let agent_sizes = if explicit || quick { vec![leases] } else { vec![1000, 10_000] };
+    Args {
+        leases,
+        rounds: if quick { 1 } else { 3 },
+        events: if smoke {
+            10
+        } else if quick {
+            50
+        } else {
+            300
+        },
+        agent_sizes,
+    }
 }
 
 /// The i-th synthetic peer: subnet 10.x.y.0/24 from 10.0.1.0 up, PublicIP in the
@@ -169,6 +193,29 @@ impl Datapath for LeaseMaps {
     }
 }
 
+/// A fresh node with `leases` leases in etcd: the agent's start → READY=1, its restart →
+/// READY=1 (state already in the kernel), and its peak RSS (KiB).
+fn agent_start(leases: usize, datapath: &'static str) -> Result<(Duration, Duration, u64)> {
+    let mut node = AgentNode::new()?;
+    node.datapath = datapath;
+    let url = node.etcd.client_url();
+    node.ns.run_in(move || -> Result<()> {
+        tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(bulk_load(&url, leases))
+    })??;
+    let started = Instant::now();
+    let pid = node.start_agent(&[])?;
+    node.wait_ready(Duration::from_secs(300))?;
+    let cold = started.elapsed();
+    let rss = peak_rss_kib(pid)?;
+    node.stop_agent()?;
+    let started = Instant::now();
+    node.start_agent(&[])?;
+    node.wait_ready(Duration::from_secs(300))?;
+    let warm = started.elapsed();
+    node.stop_agent()?;
+    Ok((cold, warm, rss))
+}
+
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
     v[v.len() / 2]
@@ -282,26 +329,30 @@ async fn main() -> Result<()> {
     ));
     drop(etcd);
 
-    // The agent binary: N leases in etcd, start → READY=1 (eBPF datapath), peak RSS.
-    let mut node = AgentNode::new()?;
-    let url = node.etcd.client_url();
-    node.ns.run_in(move || -> Result<()> {
-        tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(bulk_load(&url, n))
-    })??;
-    let started = Instant::now();
-    let pid = node.start_agent(&[])?;
-    node.wait_ready(Duration::from_secs(120))?;
-    let cold = started.elapsed();
-    let rss = peak_rss_kib(pid)?;
-    node.stop_agent()?;
-    let started = Instant::now();
-    node.start_agent(&[])?;
-    node.wait_ready(Duration::from_secs(120))?;
-    let warm = started.elapsed();
-    node.stop_agent()?;
-    rows.push((format!("agent binary: start → READY=1 with {n} leases, empty pinned map"), ms(cold)));
-    rows.push((format!("agent binary: restart → READY=1 with {n} leases, pinned map adopted"), ms(warm)));
-    rows.push((format!("agent peak RSS (VmHWM) with {n} leases"), format!("{:.1} MiB", rss as f64 / 1024.0)));
+    // The agent binary: N leases in etcd, start → READY=1 per datapath, peak RSS.
+    for &size in &args.agent_sizes {
+        let mut ready = Vec::new();
+        for datapath in ["ebpf", "netlink"] {
+            let (cold, warm, rss) = agent_start(size, datapath)?;
+            rows.push((
+                format!("agent binary, {datapath} datapath: start → READY=1 (datapath programmed), {size} leases"),
+                ms(cold),
+            ));
+            rows.push((
+                format!("agent binary, {datapath} datapath: restart → READY=1, {size} leases already programmed"),
+                ms(warm),
+            ));
+            rows.push((
+                format!("agent binary, {datapath} datapath: peak RSS (VmHWM), {size} leases"),
+                format!("{:.1} MiB", rss as f64 / 1024.0),
+            ));
+            ready.push(cold);
+        }
+        rows.push((
+            format!("{size} leases programmed: netlink time / eBPF time"),
+            format!("{:.1}×", ready[1].as_secs_f64() / ready[0].as_secs_f64()),
+        ));
+    }
 
     println!("\n## Control plane\n");
     println!("Machine: {}", machine());

@@ -27,6 +27,8 @@ pub const SUBNETS_PREFIX: &str = "/coreos.com/network/subnets/";
 pub struct AgentNode {
     // Field order is drop order: agent first, etcd before its namespace, bpffs, temp dir.
     agent: Option<Child>,
+    /// The agent's `--datapath` (ebpf unless changed).
+    pub datapath: &'static str,
     pub etcd: EtcdServer,
     pub ns: NetNs,
     pub bpffs: PrivateBpffs,
@@ -52,7 +54,7 @@ impl AgentNode {
         let etcd = EtcdServer::start_in(&ns, NODE_IP)?;
         let dir = tempfile::tempdir().context("creating a temp dir")?;
         let notify = UnixDatagram::bind(dir.path().join("notify.sock")).context("binding the notify socket")?;
-        Ok(AgentNode { agent: None, etcd, ns, bpffs: PrivateBpffs::mount()?, dir, notify })
+        Ok(AgentNode { agent: None, datapath: "ebpf", etcd, ns, bpffs: PrivateBpffs::mount()?, dir, notify })
     }
 
     pub fn ctl(&self) -> Etcdctl {
@@ -75,7 +77,7 @@ impl AgentNode {
         self.bpffs.path().join("flannel")
     }
 
-    /// Starts the agent (eBPF datapath, `--iface eth0`) with `extra` arguments; its stderr
+    /// Starts the agent (`--datapath` [`Self::datapath`], `--iface eth0`) with `extra` arguments; its stderr
     /// goes to [`Self::log_path`], and it notifies readiness on the node's notify socket.
     pub fn start_agent(&mut self, extra: &[&str]) -> Result<u32> {
         anyhow::ensure!(self.agent.is_none(), "agent already running");
@@ -83,7 +85,7 @@ impl AgentNode {
         let child = self
             .ns
             .command(agent::binary()?)
-            .args(["--etcd-endpoints", &self.etcd.client_url(), "--iface", "eth0", "--datapath", "ebpf"])
+            .args(["--etcd-endpoints", &self.etcd.client_url(), "--iface", "eth0", "--datapath", self.datapath])
             .arg("--subnet-file")
             .arg(self.subnet_file())
             .arg("--bpf-pin-path")

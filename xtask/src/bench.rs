@@ -19,7 +19,7 @@ pub enum Suite {
 
 #[derive(Args)]
 pub struct DatapathArgs {
-    /// One round with 1 s streams.
+    /// One round with 1 s streams (about a minute).
     #[arg(long)]
     quick: bool,
     /// Interleaved rounds (default 3).

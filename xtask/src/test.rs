@@ -45,12 +45,33 @@ pub fn run() -> Result<()> {
     run_step("build agent", cargo().args(["build", "--package", "flannel-agent", "--bins"]))?;
     // Doc-tests are left out: the crates have none, and their empty summaries would close
     // the log with "0 passed".
-    let totals = run_cargo_test(cargo().args(["test", "--workspace", "--lib", "--bins", "--tests", "--no-fail-fast"]))?;
+    let mut totals =
+        run_cargo_test(cargo().args(["test", "--workspace", "--lib", "--bins", "--tests", "--no-fail-fast"]))?;
+    smoke_benchmarks(&mut totals);
     eprintln!("[xtask] test: finished in {:.1} s", started.elapsed().as_secs_f64());
     println!("tests: {} passed, {} failed, {} skipped", totals.passed, totals.failed, totals.ignored);
     anyhow::ensure!(totals.failed == 0 && totals.status_ok, "cargo test failed ({} test(s) failed)", totals.failed);
     anyhow::ensure!(totals.passed > 0, "no test ran");
     Ok(())
+}
+
+/// The benchmark harnesses, end to end for a few seconds each (`--smoke`, debug build): they
+/// keep working without a full run. Each counts as one test.
+fn smoke_benchmarks(totals: &mut Totals) {
+    for bench in ["datapath", "control_plane"] {
+        let mut command = cargo();
+        command.args(["test", "--package", "flannel-tests", "--bench", bench, "--", "--smoke"]);
+        match run_step(&format!("{bench} benchmark smoke run"), &mut command) {
+            Ok(()) => {
+                println!("test bench smoke {bench} ... ok");
+                totals.passed += 1;
+            }
+            Err(error) => {
+                println!("test bench smoke {bench} ... FAILED: {error:#}");
+                totals.failed += 1;
+            }
+        }
+    }
 }
 
 #[derive(Default)]

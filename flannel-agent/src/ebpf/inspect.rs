@@ -10,7 +10,10 @@ use std::{
 
 use anyhow::{Context, Result};
 use aya::maps::{lpm_trie::LpmTrie, Array, HashMap, Map, MapData, PerCpuArray};
-use flannel_common::{LeaseEntry, LeaseKind, NodeConfig, Stat, LEASES_MAP, NODE_MAP, PEERS_MAP, STATS_MAP};
+use flannel_common::{
+    snat::{SNAT_EGRESS, SNAT_FLAG_CLOSING},
+    LeaseEntry, LeaseKind, NodeConfig, SnatEntry, SnatKey, Stat, LEASES_MAP, NODE_MAP, PEERS_MAP, SNAT_MAP, STATS_MAP,
+};
 use serde::Serialize;
 
 use crate::{datapath::ebpf::table::subnet_of, subnet::lease::Mac};
@@ -22,6 +25,8 @@ pub struct Snapshot {
     pub leases: Vec<LeaseRow>,
     pub peers: Vec<Ipv4Addr>,
     pub counters: BTreeMap<&'static str, u64>,
+    /// Masquerade translations, one row per connection (the egress half).
+    pub masquerade: Vec<SnatRow>,
     /// `<interface>/<program>` for every pinned link.
     pub links: Vec<String>,
 }
@@ -43,6 +48,17 @@ pub struct LeaseRow {
     pub public_ip: Ipv4Addr,
     pub vtep_mac: String,
     pub vni: u32,
+}
+
+#[derive(Debug, Serialize)]
+pub struct SnatRow {
+    pub protocol: &'static str,
+    /// `pod:port → destination:port`
+    pub flow: String,
+    /// The node address and port it leaves with (the pod's own for replies of inbound flows).
+    pub translated: String,
+    pub idle_seconds: u64,
+    pub closing: bool,
 }
 
 fn open(maps: &Path, name: &str) -> Result<Map> {
@@ -90,12 +106,42 @@ pub fn snapshot(pin_root: &Path) -> Result<Snapshot> {
         counters.insert(stat.name(), per_cpu.iter().sum());
     }
 
+    let snat: HashMap<_, SnatKey, SnatEntry> = HashMap::try_from(open(&maps, SNAT_MAP)?)?;
+    let now = crate::datapath::ebpf::snat::monotonic_ns();
+    let mut masquerade = Vec::new();
+    for item in snat.iter() {
+        let (key, entry) = item.with_context(|| format!("iterating {SNAT_MAP}"))?;
+        if key.direction != SNAT_EGRESS {
+            continue;
+        }
+        masquerade.push(SnatRow {
+            protocol: match key.proto {
+                6 => "tcp",
+                17 => "udp",
+                1 => "icmp",
+                _ => "other",
+            },
+            flow: format!(
+                "{}:{} → {}:{}",
+                Ipv4Addr::from(key.src_ip),
+                key.src_port,
+                Ipv4Addr::from(key.dst_ip),
+                key.dst_port
+            ),
+            translated: format!("{}:{}", Ipv4Addr::from(entry.to_ip), entry.to_port),
+            idle_seconds: now.saturating_sub(entry.last_seen_ns) / 1_000_000_000,
+            closing: entry.flags & SNAT_FLAG_CLOSING != 0,
+        });
+    }
+    masquerade.sort_by_key(|r| r.idle_seconds);
+
     Ok(Snapshot {
         pin_root: pin_root.to_path_buf(),
         node,
         leases: lease_rows,
         peers: peer_rows,
         counters,
+        masquerade,
         links: pinned_links(pin_root),
     })
 }
