@@ -152,6 +152,13 @@ pub struct DaemonArgs {
     #[arg(long, env = "FLANNELD_SNAT_IDLE_TIMEOUT", default_value_t = 180)]
     pub snat_idle_timeout: u64,
 
+    /// eBPF datapath, vxlan: where VXLAN from peers is decapsulated. xdp: an XDP program on the
+    /// external interface (cheapest per packet on a NIC); tc: a TCX ingress program, which
+    /// handles a GSO packet (veth, or a NIC with UDP-tunnel GRO) once instead of per segment
+    /// and leaves the sender's segmentation offload on (XDP on a veth turns its peer's off).
+    #[arg(long, env = "FLANNELD_VXLAN_DECAP", value_enum, default_value_t = DecapHook::Xdp)]
+    pub vxlan_decap: DecapHook,
+
     /// eBPF datapath: the bridge the CNI plugin attaches pods to (the flannel CNI plugin's
     /// default is cni0). Pod traffic is forwarded from its ingress once it exists.
     #[arg(long, env = "FLANNELD_POD_BRIDGE", default_value = "cni0")]
@@ -167,6 +174,12 @@ fn parse_port_range(text: &str) -> Result<(u16, u16), String> {
         return Err(format!("{text:?}: need 1 <= MIN <= MAX"));
     }
     Ok((min, max))
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum DecapHook {
+    Xdp,
+    Tc,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]

@@ -97,6 +97,7 @@ pub async fn run(options: DaemonOptions) -> Result<()> {
     let ebpf_options = EbpfOptions {
         pin_root: options.bpf_pin_path.clone(),
         pod_bridge: args.pod_bridge.clone(),
+        decap: args.vxlan_decap,
         masquerade: args.ip_masq.then_some(SnatOptions {
             port_min: args.snat_port_range.0,
             port_max: args.snat_port_range.1,

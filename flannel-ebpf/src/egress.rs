@@ -16,12 +16,14 @@
 //! flannel's kernel vxlan device would (inner src = our VtepMAC, dst = the peer's; UDP source
 //! port from the flow hash; outer UDP checksum 0), and `bpf_redirect_neigh` on the underlay
 //! routes the outer header and fills in the outer MACs. A host-gw lease: `bpf_redirect_neigh`
-//! with the peer's PublicIP as next hop. Everything else continues through the stack.
+//! with the peer's PublicIP as next hop. Everything else continues untouched, with
+//! `TC_ACT_UNSPEC` (TCX_NEXT) so other programs on the same hook still see it — as do all our
+//! TC programs.
 
 use aya_ebpf::{
     bindings::{
         bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_redir_neigh, bpf_redir_neigh__bindgen_ty_1,
-        BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L4_UDP, TC_ACT_OK, TC_ACT_SHOT,
+        BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L4_UDP, TC_ACT_SHOT, TC_ACT_UNSPEC,
     },
     helpers::{bpf_get_hash_recalc, bpf_redirect_neigh},
     macros::classifier,
@@ -86,24 +88,24 @@ fn verdict(result: Result<i32, Stat>) -> i32 {
 
 #[inline(always)]
 fn forward(ctx: &TcContext, origin: Origin) -> Result<i32, Stat> {
-    let Ok(ethertype) = ctx.load::<u16>(12) else { return Ok(TC_ACT_OK) };
+    let Ok(ethertype) = ctx.load::<u16>(12) else { return Ok(TC_ACT_UNSPEC) };
     if u16::from_be(ethertype) != ETH_P_IP {
-        return Ok(TC_ACT_OK);
+        return Ok(TC_ACT_UNSPEC);
     }
     // SAFETY: skb is the program's context.
     if origin == Origin::Pod && unsafe { (*ctx.skb.skb).pkt_type } != PACKET_HOST {
         // Bridged between pods (or seen in promiscuous mode): not ours to route.
-        return Ok(TC_ACT_OK);
+        return Ok(TC_ACT_UNSPEC);
     }
-    let Ok(dst) = ctx.load::<[u8; 4]>(ETH_HLEN + 16) else { return Ok(TC_ACT_OK) };
-    let Some(lease) = LEASES.get(&Key::new(32, dst)) else { return Ok(TC_ACT_OK) };
+    let Ok(dst) = ctx.load::<[u8; 4]>(ETH_HLEN + 16) else { return Ok(TC_ACT_UNSPEC) };
+    let Some(lease) = LEASES.get(&Key::new(32, dst)) else { return Ok(TC_ACT_UNSPEC) };
     let lease = *lease;
     let kind = LeaseKind::from_u8(lease.kind);
     if !matches!(kind, Some(LeaseKind::Vxlan | LeaseKind::HostGw)) {
         // Our own subnet: the bridge delivers it.
-        return Ok(TC_ACT_OK);
+        return Ok(TC_ACT_UNSPEC);
     }
-    let Some(node) = NODE.get(0) else { return Ok(TC_ACT_OK) };
+    let Some(node) = NODE.get(0) else { return Ok(TC_ACT_UNSPEC) };
     let node = *node;
     if origin == Origin::Pod {
         decrement_ttl(ctx)?;

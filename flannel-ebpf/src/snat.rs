@@ -20,7 +20,7 @@
 //! Non-first IP fragments carry no ports and pass untranslated, as do ICMP errors.
 
 use aya_ebpf::{
-    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT},
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_NOEXIST, TC_ACT_SHOT, TC_ACT_UNSPEC},
     helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
     macros::classifier,
     programs::TcContext,
@@ -140,7 +140,7 @@ fn in_network(ip: [u8; 4], node: &NodeConfig) -> bool {
 #[classifier]
 pub fn fl_snat_egress(ctx: TcContext) -> i32 {
     match snat_egress(&ctx) {
-        Ok(()) => TC_ACT_OK,
+        Ok(()) => TC_ACT_UNSPEC,
         Err(reason) => {
             count(reason);
             TC_ACT_SHOT
@@ -151,7 +151,7 @@ pub fn fl_snat_egress(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn fl_snat_ingress(ctx: TcContext) -> i32 {
     match snat_ingress(&ctx) {
-        Ok(()) => TC_ACT_OK,
+        Ok(()) => TC_ACT_UNSPEC,
         Err(reason) => {
             count(reason);
             TC_ACT_SHOT

@@ -319,7 +319,9 @@ fn main() -> Result<()> {
     let host_gw = Lab::start(small("host-gw", "netlink"))?;
     let ebpf = Lab::start(small("vxlan", "ebpf"))?;
     let ebpf_host_gw = Lab::start(small("host-gw", "ebpf"))?;
-    let labs = [classic, host_gw, ebpf, ebpf_host_gw];
+    let ebpf_tc_decap =
+        Lab::start(LabConfig { agent_args: vec!["--vxlan-decap".into(), "tc".into()], ..small("vxlan", "ebpf") })?;
+    let labs = [classic, host_gw, ebpf, ebpf_host_gw, ebpf_tc_decap];
     for lab in labs.iter() {
         for node in &lab.nodes {
             for pod in &node.pods {
@@ -337,7 +339,8 @@ fn main() -> Result<()> {
         },
         pod_path("flannel-classic vxlan (kernel vxlan device), pod → pod", &labs[0]),
         pod_path("kernel host-gw routes, pod → pod", &labs[1]),
-        pod_path("our eBPF vxlan, pod → pod", &labs[2]),
+        pod_path("our eBPF vxlan (XDP decap), pod → pod", &labs[2]),
+        pod_path("our eBPF vxlan (--vxlan-decap tc), pod → pod", &labs[4]),
         pod_path("our eBPF host-gw, pod → pod", &labs[3]),
     ];
     let masq_paths = [("iptables MASQUERADE + conntrack (netlink datapath)", &labs[0]), ("our eBPF SNAT", &labs[2])];

@@ -48,11 +48,20 @@ pub struct LabConfig {
     /// The agents' `--datapath`.
     pub datapath: String,
     pub ip_masq: bool,
+    /// More agent arguments (e.g. `--vxlan-decap tc`).
+    pub agent_args: Vec<String>,
 }
 
 impl Default for LabConfig {
     fn default() -> Self {
-        LabConfig { nodes: 3, pods_per_node: 2, backend: "vxlan".into(), datapath: "netlink".into(), ip_masq: true }
+        LabConfig {
+            nodes: 3,
+            pods_per_node: 2,
+            backend: "vxlan".into(),
+            datapath: "netlink".into(),
+            ip_masq: true,
+            agent_args: Vec::new(),
+        }
     }
 }
 
@@ -220,6 +229,7 @@ impl Lab {
             .arg("--bpf-pin-path")
             .arg(pins)
             .arg(format!("--ip-masq={}", self.config.ip_masq))
+            .args(&self.config.agent_args)
             .stdout(Stdio::null())
             .stderr(log);
         *agent = Some(command.spawn().context("starting flannel-agent")?);

@@ -23,7 +23,8 @@ use flannel_tests::{
 #[path = "support/ebpf_node.rs"]
 mod ebpf_node;
 
-const TC_ACT_OK: u32 = 0;
+/// TC_ACT_UNSPEC (-1): TCX runs the next program, then the stack takes the packet.
+const TC_ACT_NEXT: u32 = u32::MAX;
 const TC_ACT_SHOT: u32 = 2;
 const POD: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 2);
 const NODE: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
@@ -76,7 +77,7 @@ fn tcp_to_outside_is_masqueraded_and_the_reply_returns_to_the_pod() {
     let ebpf = setup(1024, 32767);
     let sent = packet::tcp4_flags(POD, OUTSIDE, 40000, 443, TCP_SYN, b"GET / HTTP/1.1");
     let (verdict, out) = egress(&ebpf, &sent);
-    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(verdict, TC_ACT_NEXT);
     let (ip, port) = src(&out);
     assert_eq!(ip, NODE, "source is the node address");
     assert!((1024..=32767).contains(&port), "port {port} from the range (40000 is outside it)");
@@ -90,7 +91,7 @@ fn tcp_to_outside_is_masqueraded_and_the_reply_returns_to_the_pod() {
 
     let reply = packet::tcp4(OUTSIDE, NODE, 443, port, b"HTTP/1.1 200 OK");
     let (verdict, back) = ingress(&ebpf, &reply);
-    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(verdict, TC_ACT_NEXT);
     assert_eq!(dst(&back), (POD, 40000), "reply translated back to the pod");
     assert_eq!(src(&back), (OUTSIDE, 443));
     assert!(packet::checksums_valid(&back));
@@ -142,11 +143,11 @@ fn cluster_multicast_foreign_and_unknown_traffic_is_left_alone() {
         packet::tcp4_flags(NODE, OUTSIDE, 40000, 443, TCP_SYN, b"the node's own traffic"),
         packet::tcp4_flags(Ipv4Addr::new(198, 51, 100, 7), OUTSIDE, 40000, 443, TCP_SYN, b"forwarded, not a pod"),
     ] {
-        assert_eq!(egress(&ebpf, &frame), (TC_ACT_OK, frame.clone()));
+        assert_eq!(egress(&ebpf, &frame), (TC_ACT_NEXT, frame.clone()));
     }
     // Replies to ports no translation owns, and the node's own traffic, reach the stack as they are.
     let stray = packet::tcp4(OUTSIDE, NODE, 443, 2222, b"not ours");
-    assert_eq!(ingress(&ebpf, &stray), (TC_ACT_OK, stray.clone()));
+    assert_eq!(ingress(&ebpf, &stray), (TC_ACT_NEXT, stray.clone()));
     assert_eq!(stat(&ebpf, Stat::SnatTranslated) + stat(&ebpf, Stat::SnatReplyTranslated), 0);
 }
 
@@ -155,12 +156,12 @@ fn replies_of_connections_from_outside_keep_the_pod_address() {
     let ebpf = setup(1024, 32767);
     // TCP: the pod's SYN-ACK to a client outside the cluster (host-gw, NodePort) opens nothing.
     let syn_ack = packet::tcp4_flags(POD, NODE, 8080, 51000, TCP_SYN_ACK, b"");
-    assert_eq!(egress(&ebpf, &syn_ack), (TC_ACT_OK, syn_ack.clone()));
+    assert_eq!(egress(&ebpf, &syn_ack), (TC_ACT_NEXT, syn_ack.clone()));
     // UDP: a query from outside for the pod is noted on the way in; the answer leaves as is.
     let query = packet::udp4([2; 6], [0; 6], NODE, POD, 51000, 53, b"query");
-    assert_eq!(ingress(&ebpf, &query), (TC_ACT_OK, query.clone()));
+    assert_eq!(ingress(&ebpf, &query), (TC_ACT_NEXT, query.clone()));
     let answer = packet::udp4([2; 6], [0; 6], POD, NODE, 53, 51000, b"answer");
-    assert_eq!(egress(&ebpf, &answer), (TC_ACT_OK, answer.clone()));
+    assert_eq!(egress(&ebpf, &answer), (TC_ACT_NEXT, answer.clone()));
     assert_eq!(stat(&ebpf, Stat::SnatNewMapping) + stat(&ebpf, Stat::SnatTranslated), 0);
     // A pod's own SYN still gets a mapping.
     let syn = packet::tcp4_flags(POD, OUTSIDE, 40000, 443, TCP_SYN, b"");
@@ -174,7 +175,7 @@ fn with_masquerade_off_nothing_is_translated() {
     let config = NodeConfig { snat: 0, ..node.get(&0, 0).unwrap() };
     node.set(0, config, 0).unwrap();
     let frame = packet::tcp4_flags(POD, OUTSIDE, 40000, 443, TCP_SYN, b"data");
-    assert_eq!(egress(&ebpf, &frame), (TC_ACT_OK, frame.clone()));
+    assert_eq!(egress(&ebpf, &frame), (TC_ACT_NEXT, frame.clone()));
 }
 
 #[test]
@@ -189,7 +190,7 @@ fn an_exhausted_port_range_drops_and_counts_and_other_destinations_still_work() 
     // The port is per destination: another server gets it too.
     let other_server = Ipv4Addr::new(203, 0, 113, 11);
     let (verdict, other) = egress(&ebpf, &packet::tcp4_flags(POD, other_server, 40001, 443, TCP_SYN, b"c"));
-    assert_eq!((verdict, src(&other)), (TC_ACT_OK, (NODE, 5000)));
+    assert_eq!((verdict, src(&other)), (TC_ACT_NEXT, (NODE, 5000)));
 }
 
 fn snat_map(ebpf: &mut Ebpf) -> HashMap<&mut aya::maps::MapData, SnatKey, SnatEntry> {

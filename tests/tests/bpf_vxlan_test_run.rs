@@ -17,7 +17,8 @@ use flannel_tests::{packet, require_root};
 mod ebpf_node;
 use ebpf_node::{node_object, EXT_MAC};
 
-const TC_ACT_OK: u32 = 0;
+/// TC_ACT_UNSPEC (-1): TCX runs the next program, then the stack takes the packet.
+const TC_ACT_NEXT: u32 = u32::MAX;
 const TC_ACT_REDIRECT: u32 = 7;
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
@@ -176,16 +177,16 @@ fn local_external_bridged_and_non_ipv4_traffic_pass_untouched() {
     let ebpf = setup();
     for dst in [Ipv4Addr::new(10, 244, 1, 3), Ipv4Addr::new(203, 0, 113, 10)] {
         let frame = pod_frame(dst, 0);
-        assert_eq!(run(&ebpf, &frame), (TC_ACT_OK, frame.clone()), "{dst}");
+        assert_eq!(run(&ebpf, &frame), (TC_ACT_NEXT, frame.clone()), "{dst}");
     }
     let mut arp = pod_frame(Ipv4Addr::new(10, 244, 2, 3), 0);
     arp[12..14].copy_from_slice(&[0x08, 0x06]);
-    assert_eq!(run(&ebpf, &arp), (TC_ACT_OK, arp.clone()));
+    assert_eq!(run(&ebpf, &arp), (TC_ACT_NEXT, arp.clone()));
     // A frame for another MAC (PACKET_OTHERHOST, the bridge in promiscuous mode) is not ours
     // to route, even to a remote lease.
     let mut other_host = pod_frame(Ipv4Addr::new(10, 244, 2, 3), 0);
     other_host[0..6].copy_from_slice(&[0x0a, 0, 0, 0, 0, 0x07]);
-    assert_eq!(run(&ebpf, &other_host), (TC_ACT_OK, other_host.clone()));
+    assert_eq!(run(&ebpf, &other_host), (TC_ACT_NEXT, other_host.clone()));
 }
 
 /// The pod packet the peer sends us, inside the VXLAN frame its kernel vxlan device builds.

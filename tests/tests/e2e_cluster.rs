@@ -165,6 +165,20 @@ macro_rules! suite {
 suite!(netlink);
 suite!(ebpf);
 
+/// The eBPF datapath with VXLAN decapsulated at TC ingress instead of XDP.
+#[test]
+fn ebpf_tc_decap_every_pod_pair_and_masquerade() {
+    let config = LabConfig {
+        datapath: "ebpf".into(),
+        agent_args: vec!["--vxlan-decap".into(), "tc".into()],
+        ..LabConfig::default()
+    };
+    let lab = Lab::start(config).expect("lab starts");
+    connectivity(&lab);
+    let links = lab.inspect(0).unwrap()["links"].to_string();
+    assert!(links.contains("eth0/fl_underlay_ingress_tc") && !links.contains("eth0/fl_underlay_ingress\""), "{links}");
+}
+
 fn host_gw_refuses_a_peer_behind_a_gateway(datapath: &str) {
     let lab = lab("host-gw", datapath);
     // A node whose PublicIP is only reachable through the default gateway.

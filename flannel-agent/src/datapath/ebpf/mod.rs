@@ -6,6 +6,7 @@
 //! | `fl_pod_egress`       | TC ingress of the pod bridge | pods → remote subnets: encap / host-gw |
 //! | `fl_host_egress`      | TC egress of `fl_host`       | the node → remote subnets, same        |
 //! | `fl_underlay_ingress` | XDP on the external interface | VXLAN from lease holders: decap       |
+//! | `fl_underlay_ingress_tc` | TC ingress of the external interface | the same (`--vxlan-decap tc`) |
 //! | `fl_snat_egress`      | TC egress of the external interface | pod → outside: masquerade (`--ip-masq`) |
 //! | `fl_snat_ingress`     | TC ingress of the external interface | replies: back to the pod         |
 //!
@@ -39,6 +40,7 @@ use self::{
 };
 use super::{kernel, netlink::DEFAULT_VXLAN_PORT, pod_mtu, Datapath, LeaseEvent, LocalNode};
 use crate::{
+    cli::DecapHook,
     config::Backend,
     ebpf::{
         bpffs,
@@ -51,6 +53,7 @@ use crate::{
 pub const POD_EGRESS: &str = "fl_pod_egress";
 pub const HOST_EGRESS: &str = "fl_host_egress";
 pub const UNDERLAY_INGRESS: &str = "fl_underlay_ingress";
+pub const UNDERLAY_INGRESS_TC: &str = "fl_underlay_ingress_tc";
 pub const SNAT_EGRESS: &str = "fl_snat_egress";
 pub const SNAT_INGRESS: &str = "fl_snat_ingress";
 
@@ -65,6 +68,8 @@ pub struct EbpfOptions {
     pub pod_bridge: String,
     /// `--ip-masq`: masquerade pod → outside traffic in eBPF with these settings.
     pub masquerade: Option<SnatOptions>,
+    /// `--vxlan-decap`.
+    pub decap: DecapHook,
 }
 
 pub struct EbpfDatapath {
@@ -97,6 +102,7 @@ impl EbpfDatapath {
         links::loaded::<SchedClassifier>(&mut ebpf, POD_EGRESS)?;
         links::loaded::<SchedClassifier>(&mut ebpf, HOST_EGRESS)?;
         links::loaded::<Xdp>(&mut ebpf, UNDERLAY_INGRESS)?;
+        links::loaded::<SchedClassifier>(&mut ebpf, UNDERLAY_INGRESS_TC)?;
         links::loaded::<SchedClassifier>(&mut ebpf, SNAT_EGRESS)?;
         links::loaded::<SchedClassifier>(&mut ebpf, SNAT_INGRESS)?;
         let table = LeaseTable::take(&mut ebpf)?;
@@ -170,6 +176,21 @@ impl EbpfDatapath {
         }
         links::attach(&mut self.ebpf, program, interface, hook, &self.options.pin_root)?;
         self.attached.insert(key, index);
+        Ok(())
+    }
+
+    /// Attaches the decapsulation program at the hook `--vxlan-decap` names and removes the
+    /// other one (after, so VXLAN is never left without a decapsulator).
+    fn set_decap(&mut self, local: &LocalNode) -> Result<()> {
+        let ext = &local.external;
+        let (wanted, other) = match self.options.decap {
+            DecapHook::Xdp => ((UNDERLAY_INGRESS, Hook::Xdp), UNDERLAY_INGRESS_TC),
+            DecapHook::Tc => ((UNDERLAY_INGRESS_TC, Hook::TcIngress), UNDERLAY_INGRESS),
+        };
+        self.attach_once(wanted.0, &ext.name, ext.index, wanted.1)?;
+        if links::detach(&self.options.pin_root, &ext.name, other)? {
+            tracing::info!(interface = ext.name, program = other, "detached the other decapsulation hook");
+        }
         Ok(())
     }
 
@@ -302,7 +323,14 @@ fn check_kernel() -> Result<()> {
 /// and `inspect` can still read the last state).
 pub async fn remove(pin_root: &Path, external: &str, pod_bridge: &str) -> Result<()> {
     let mut detached = 0;
-    for (interface, program) in [(pod_bridge, POD_EGRESS), (HOST_DEVICE, HOST_EGRESS), (external, UNDERLAY_INGRESS)] {
+    for (interface, program) in [
+        (pod_bridge, POD_EGRESS),
+        (HOST_DEVICE, HOST_EGRESS),
+        (external, UNDERLAY_INGRESS),
+        (external, UNDERLAY_INGRESS_TC),
+        (external, SNAT_EGRESS),
+        (external, SNAT_INGRESS),
+    ] {
         if links::detach(pin_root, interface, program)? {
             detached += 1;
         }
@@ -335,7 +363,7 @@ impl Datapath for EbpfDatapath {
         self.attach_once(HOST_EGRESS, HOST_DEVICE, host_index, Hook::TcEgress)?;
         let vni = match &local.backend {
             Backend::Vxlan(v) => {
-                self.attach_once(UNDERLAY_INGRESS, &ext.name, ext.index, Hook::Xdp)?;
+                self.set_decap(local)?;
                 Some(v.vni)
             }
             _ => None,
