@@ -64,6 +64,24 @@ struct Flow {
 }
 
 impl Flow {
+    /// The flow's own tuple as a map key.
+    fn key(&self, direction: u8) -> SnatKey {
+        SnatKey {
+            src_ip: self.src,
+            dst_ip: self.dst,
+            src_port: self.src_port,
+            dst_port: self.dst_port,
+            proto: self.proto,
+            direction,
+            _pad: [0; 2],
+        }
+    }
+
+    /// The tuple of this flow's replies.
+    fn reversed(&self) -> Flow {
+        Flow { src: self.dst, dst: self.src, src_port: self.dst_port, dst_port: self.src_port, ..*self }
+    }
+
     /// Where the port this side of the translation owns lives: the source port on egress,
     /// the destination port on ingress (ICMP: the identifier either way).
     fn port_offset(&self, source_side: bool) -> usize {
@@ -159,27 +177,21 @@ pub fn fl_snat_ingress(ctx: TcContext) -> i32 {
     }
 }
 
+/// This node's settings when masquerade is on.
+#[inline(always)]
+fn masquerading_node() -> Option<NodeConfig> {
+    NODE.get(0).copied().filter(|node| node.snat != 0)
+}
+
 #[inline(always)]
 fn snat_egress(ctx: &TcContext) -> Result<(), Stat> {
-    let Some(node) = NODE.get(0) else { return Ok(()) };
-    let node = *node;
-    if node.snat == 0 {
-        return Ok(());
-    }
+    let Some(node) = masquerading_node() else { return Ok(()) };
     let Some(flow) = parse(ctx, ICMP_ECHO_REQUEST) else { return Ok(()) };
     // flannel's FLANNEL-POSTRTG: only cluster → outside, never to multicast.
     if !in_network(flow.src, &node) || in_network(flow.dst, &node) || flow.dst[0] & 0xf0 == 0xe0 {
         return Ok(());
     }
-    let key = SnatKey {
-        src_ip: flow.src,
-        dst_ip: flow.dst,
-        src_port: flow.src_port,
-        dst_port: flow.dst_port,
-        proto: flow.proto,
-        direction: SNAT_EGRESS,
-        _pad: [0; 2],
-    };
+    let key = flow.key(SNAT_EGRESS);
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     let (nat_ip, nat_port) = match SNAT.get_ptr_mut(&key) {
@@ -232,15 +244,7 @@ fn opens_connection(ctx: &TcContext, flow: &Flow) -> bool {
 /// The reply-side key for `flow` translated to `nat_ip:nat_port`.
 #[inline(always)]
 fn reply_key(flow: &Flow, nat_ip: [u8; 4], nat_port: u16) -> SnatKey {
-    SnatKey {
-        src_ip: flow.dst,
-        dst_ip: nat_ip,
-        src_port: flow.dst_port,
-        dst_port: nat_port,
-        proto: flow.proto,
-        direction: SNAT_INGRESS,
-        _pad: [0; 2],
-    }
+    Flow { dst: nat_ip, dst_port: nat_port, ..flow.reversed() }.key(SNAT_INGRESS)
 }
 
 /// If the LRU evicted the reply half of a live mapping, puts it back.
@@ -288,26 +292,13 @@ fn new_mapping(flow: &Flow, key: &SnatKey, node: &NodeConfig, now: u64) -> Resul
 
 #[inline(always)]
 fn snat_ingress(ctx: &TcContext) -> Result<(), Stat> {
-    let Some(node) = NODE.get(0) else { return Ok(()) };
-    let node = *node;
-    if node.snat == 0 {
-        return Ok(());
-    }
+    let Some(node) = masquerading_node() else { return Ok(()) };
     let Some(flow) = parse(ctx, ICMP_ECHO_REPLY) else { return Ok(()) };
     if flow.dst != node.snat_ip {
         note_inbound_udp(&flow, &node);
         return Ok(());
     }
-    let key = SnatKey {
-        src_ip: flow.src,
-        dst_ip: flow.dst,
-        src_port: flow.src_port,
-        dst_port: flow.dst_port,
-        proto: flow.proto,
-        direction: SNAT_INGRESS,
-        _pad: [0; 2],
-    };
-    let Some(entry) = SNAT.get_ptr_mut(&key) else { return Ok(()) };
+    let Some(entry) = SNAT.get_ptr_mut(&flow.key(SNAT_INGRESS)) else { return Ok(()) };
     // SAFETY: as in snat_egress.
     let entry = unsafe { &mut *entry };
     // SAFETY: helper without arguments.
@@ -315,15 +306,7 @@ fn snat_ingress(ctx: &TcContext) -> Result<(), Stat> {
     if now.wrapping_sub(entry.last_seen_ns) > REFRESH_NS {
         entry.last_seen_ns = now;
         // The forward half, as the pod's next packet will look it up.
-        let forward_key = SnatKey {
-            src_ip: entry.to_ip,
-            dst_ip: flow.src,
-            src_port: entry.to_port,
-            dst_port: flow.src_port,
-            proto: flow.proto,
-            direction: SNAT_EGRESS,
-            _pad: [0; 2],
-        };
+        let forward_key = Flow { src: entry.to_ip, src_port: entry.to_port, ..flow.reversed() }.key(SNAT_EGRESS);
         if SNAT.get_ptr(&forward_key).is_none() {
             let forward = SnatEntry { to_ip: flow.dst, to_port: flow.dst_port, flags: 0, last_seen_ns: now };
             if SNAT.insert(&forward_key, &forward, BPF_NOEXIST as u64).is_ok() {
@@ -345,15 +328,7 @@ fn note_inbound_udp(flow: &Flow, node: &NodeConfig) {
     if flow.proto != IPPROTO_UDP || in_network(flow.src, node) || !in_network(flow.dst, node) {
         return;
     }
-    let reply = SnatKey {
-        src_ip: flow.dst,
-        dst_ip: flow.src,
-        src_port: flow.dst_port,
-        dst_port: flow.src_port,
-        proto: flow.proto,
-        direction: SNAT_EGRESS,
-        _pad: [0; 2],
-    };
+    let reply = flow.reversed().key(SNAT_EGRESS);
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     match SNAT.get_ptr_mut(&reply) {

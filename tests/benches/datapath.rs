@@ -87,7 +87,8 @@ struct MasqSamples {
     gbps: Vec<f64>,
 }
 
-fn iperf3(path: &Path, seconds: u32) -> Result<f64> {
+/// One iperf3 run from the path's client to a one-off server; its JSON report.
+fn iperf3_report(path: &Path, seconds: u32, options: &[&str]) -> Result<serde_json::Value> {
     let mut server = path
         .server
         .command("iperf3")
@@ -96,16 +97,19 @@ fn iperf3(path: &Path, seconds: u32) -> Result<f64> {
         .stderr(std::process::Stdio::null())
         .spawn()?;
     std::thread::sleep(Duration::from_millis(200));
-    let report = lab::output(path.client.command("iperf3").args([
-        "-c",
-        &path.server_ip.to_string(),
-        "-t",
-        &seconds.to_string(),
-        "-J",
-    ]));
+    let report = lab::output(
+        path.client
+            .command("iperf3")
+            .args(["-c", &path.server_ip.to_string(), "-t", &seconds.to_string(), "-J"])
+            .args(options),
+    );
     let _ = server.kill();
     let _ = server.wait();
-    let json: serde_json::Value = serde_json::from_str(&report?)?;
+    Ok(serde_json::from_str(&report?)?)
+}
+
+fn iperf3(path: &Path, seconds: u32) -> Result<f64> {
+    let json = iperf3_report(path, seconds, &[])?;
     let bps = json["end"]["sum_received"]["bits_per_second"].as_f64().context("iperf3 JSON")?;
     Ok(bps / 1e9)
 }
@@ -113,29 +117,7 @@ fn iperf3(path: &Path, seconds: u32) -> Result<f64> {
 /// 64-byte UDP datagrams sent as fast as iperf3 can for `seconds`: thousands received per
 /// second at the server.
 fn small_udp_rate(path: &Path, seconds: u32) -> Result<f64> {
-    let mut server = path
-        .server
-        .command("iperf3")
-        .args(["-s", "-1", "-B", &path.server_ip.to_string()])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()?;
-    std::thread::sleep(Duration::from_millis(200));
-    let report = lab::output(path.client.command("iperf3").args([
-        "-c",
-        &path.server_ip.to_string(),
-        "-u",
-        "-b",
-        "0",
-        "-l",
-        "64",
-        "-t",
-        &seconds.to_string(),
-        "-J",
-    ]));
-    let _ = server.kill();
-    let _ = server.wait();
-    let json: serde_json::Value = serde_json::from_str(&report?)?;
+    let json = iperf3_report(path, seconds, &["-u", "-b", "0", "-l", "64"])?;
     let sum = &json["end"]["sum"];
     let packets = sum["packets"].as_f64().context("iperf3 UDP JSON: packets")?;
     let lost = sum["lost_packets"].as_f64().unwrap_or(0.0);

@@ -29,6 +29,8 @@ pub struct AgentNode {
     agent: Option<Child>,
     /// The agent's `--datapath` (ebpf unless changed).
     pub datapath: &'static str,
+    /// The agent's `--bpf-pin-path` when not the private bpffs (to see it fail there).
+    pub pin_path_override: Option<PathBuf>,
     pub etcd: EtcdServer,
     pub ns: NetNs,
     pub bpffs: PrivateBpffs,
@@ -54,7 +56,7 @@ impl AgentNode {
         let etcd = EtcdServer::start_in(&ns, NODE_IP)?;
         let dir = tempfile::tempdir().context("creating a temp dir")?;
         let notify = UnixDatagram::bind(dir.path().join("notify.sock")).context("binding the notify socket")?;
-        Ok(AgentNode { agent: None, datapath: "ebpf", etcd, ns, bpffs: PrivateBpffs::mount()?, dir, notify })
+        Ok(AgentNode { agent: None, datapath: "ebpf", pin_path_override: None, etcd, ns, bpffs: PrivateBpffs::mount()?, dir, notify })
     }
 
     pub fn ctl(&self) -> Etcdctl {
@@ -74,6 +76,9 @@ impl AgentNode {
     }
 
     pub fn pin_root(&self) -> PathBuf {
+        if let Some(path) = &self.pin_path_override {
+            return path.clone();
+        }
         self.bpffs.path().join("flannel")
     }
 

@@ -143,6 +143,32 @@ fn daemon_lifecycle_matches_flanneld() {
     );
 }
 
+/// Where eBPF cannot be used (here: the pin path is not on a BPF filesystem), `--datapath
+/// auto` says why and runs the classic datapath, and `--datapath ebpf` refuses to start.
+#[test]
+fn auto_falls_back_to_netlink_and_ebpf_fails_clearly_where_ebpf_cannot_load() {
+    let mut node = AgentNode::new().unwrap();
+    node.pin_path_override = Some(node.dir.path().join("not-bpffs"));
+    node.ctl().put(CONFIG_KEY, CONFIG).unwrap();
+
+    node.datapath = "ebpf";
+    start(&mut node);
+    let status = node.wait_agent_exit().unwrap();
+    assert!(!status.success());
+    let log = node.log_text();
+    assert!(log.contains("--datapath ebpf: the eBPF datapath cannot be loaded") && log.contains("not-bpffs"), "{log}");
+    assert!(!node.subnet_file().exists(), "nothing written when the datapath cannot load");
+
+    node.datapath = "auto";
+    start(&mut node);
+    node.wait_ready(READY_TIMEOUT).unwrap();
+    let log = node.log_text();
+    assert!(log.contains("falling back to the netlink (flannel-classic) datapath") && log.contains("not-bpffs"), "{log}");
+    let links = String::from_utf8(node.ns.ip(&["-o", "link"]).unwrap().stdout).unwrap();
+    assert!(links.contains("flannel.1"), "the classic vxlan device is there: {links}");
+    node.stop_agent().unwrap();
+}
+
 #[test]
 fn bad_config_is_an_error_naming_field_and_value() {
     let mut node = AgentNode::new().unwrap();
