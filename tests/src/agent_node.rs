@@ -56,7 +56,16 @@ impl AgentNode {
         let etcd = EtcdServer::start_in(&ns, NODE_IP)?;
         let dir = tempfile::tempdir().context("creating a temp dir")?;
         let notify = UnixDatagram::bind(dir.path().join("notify.sock")).context("binding the notify socket")?;
-        Ok(AgentNode { agent: None, datapath: "ebpf", pin_path_override: None, etcd, ns, bpffs: PrivateBpffs::mount()?, dir, notify })
+        Ok(AgentNode {
+            agent: None,
+            datapath: "ebpf",
+            pin_path_override: None,
+            etcd,
+            ns,
+            bpffs: PrivateBpffs::mount()?,
+            dir,
+            notify,
+        })
     }
 
     pub fn ctl(&self) -> Etcdctl {

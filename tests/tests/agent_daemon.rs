@@ -163,7 +163,10 @@ fn auto_falls_back_to_netlink_and_ebpf_fails_clearly_where_ebpf_cannot_load() {
     start(&mut node);
     node.wait_ready(READY_TIMEOUT).unwrap();
     let log = node.log_text();
-    assert!(log.contains("falling back to the netlink (flannel-classic) datapath") && log.contains("not-bpffs"), "{log}");
+    assert!(
+        log.contains("falling back to the netlink (flannel-classic) datapath") && log.contains("not-bpffs"),
+        "{log}"
+    );
     let links = String::from_utf8(node.ns.ip(&["-o", "link"]).unwrap().stdout).unwrap();
     assert!(links.contains("flannel.1"), "the classic vxlan device is there: {links}");
     node.stop_agent().unwrap();

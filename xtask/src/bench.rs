@@ -8,6 +8,15 @@ use flannel_tests::require_root;
 
 use crate::{cargo, run_step, test::TEST_PACKAGES};
 
+#[derive(Args)]
+pub struct BenchCli {
+    #[command(subcommand)]
+    suite: Option<Suite>,
+    /// Without a suite: both suites' short runs (about two minutes together).
+    #[arg(long)]
+    quick: bool,
+}
+
 #[derive(Subcommand)]
 pub enum Suite {
     /// etcd → datapath: learning N pre-existing leases, one change's latency, agent peak RSS.
@@ -37,7 +46,17 @@ pub struct BenchArgs {
     leases: Option<usize>,
 }
 
-pub fn run(suite: Suite) -> Result<()> {
+pub fn run(cli: BenchCli) -> Result<()> {
+    match cli.suite {
+        Some(suite) => run_suite(suite),
+        None => {
+            run_suite(Suite::ControlPlane(BenchArgs { quick: cli.quick, leases: None }))?;
+            run_suite(Suite::Datapath(DatapathArgs { quick: cli.quick, rounds: None }))
+        }
+    }
+}
+
+fn run_suite(suite: Suite) -> Result<()> {
     require_root()?;
     ensure_debian_packages(HOST_BUILD_PACKAGES, Provision::Install)?;
     ensure_debian_packages(TEST_PACKAGES, Provision::Install)?;

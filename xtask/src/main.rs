@@ -27,9 +27,9 @@ enum Command {
     Test,
     /// Run the product on a local 3-node cluster and show it working.
     Demo(demo::DemoArgs),
-    /// Benchmarks (root): prints markdown tables for BENCHMARKS.md.
-    #[command(subcommand)]
-    Bench(bench::Suite),
+    /// Benchmarks (root): prints markdown tables for BENCHMARKS.md. Without a suite, runs
+    /// both (control-plane, then datapath).
+    Bench(bench::BenchCli),
 }
 
 fn main() -> Result<()> {
@@ -41,7 +41,7 @@ fn main() -> Result<()> {
         }
         Command::Test => test::run(),
         Command::Demo(args) => demo::run(args),
-        Command::Bench(suite) => bench::run(suite),
+        Command::Bench(cli) => bench::run(cli),
     }
 }
 
