@@ -159,6 +159,16 @@ pub struct DaemonArgs {
     #[arg(long, env = "FLANNELD_VXLAN_DECAP", value_enum, default_value_t = DecapHook::Xdp)]
     pub vxlan_decap: DecapHook,
 
+    /// eBPF datapath: forward pod traffic from the pod bridge straight to the underlay,
+    /// skipping the node's routing, netfilter and conntrack (faster). Off by default because
+    /// conntrack then sees only the replies of pod-to-pod connections: kube-proxy's
+    /// `--ctstate INVALID -j DROP` drops them, and iptables-based NetworkPolicy agents (Canal)
+    /// no longer see the traffic. Turn on only when nothing on the node filters or tracks
+    /// forwarded pod traffic.
+    #[arg(long, env = "FLANNELD_NETFILTER_BYPASS", action = bool_flag!(), num_args = 0..=1,
+          default_value_t = false, default_missing_value = "true")]
+    pub netfilter_bypass: bool,
+
     /// eBPF datapath: the bridge the CNI plugin attaches pods to (the flannel CNI plugin's
     /// default is cni0). Pod traffic is forwarded from its ingress once it exists.
     #[arg(long, env = "FLANNELD_POD_BRIDGE", default_value = "cni0")]

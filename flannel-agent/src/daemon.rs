@@ -98,6 +98,7 @@ pub async fn run(options: DaemonOptions) -> Result<()> {
         pin_root: options.bpf_pin_path.clone(),
         pod_bridge: args.pod_bridge.clone(),
         decap: args.vxlan_decap,
+        netfilter_bypass: args.netfilter_bypass,
         masquerade: args.ip_masq.then_some(SnatOptions {
             port_min: args.snat_port_range.0,
             port_max: args.snat_port_range.1,

@@ -165,6 +165,44 @@ macro_rules! suite {
 suite!(netlink);
 suite!(ebpf);
 
+/// kube-proxy drops forwarded packets conntrack calls INVALID. The eBPF datapath leaves pod
+/// traffic to the stack's routing and netfilter (unless --netfilter-bypass), so conntrack
+/// sees both directions and pod-to-pod TCP works with that rule in place.
+#[test]
+fn ebpf_pod_traffic_survives_kube_proxys_invalid_drop_rule() {
+    let config = LabConfig { datapath: "ebpf".into(), ..LabConfig::default() };
+    let lab = Lab::start(config).expect("lab starts");
+    for node in &lab.nodes {
+        flannel_tests::netns::run(node.ns.command("iptables").args([
+            "-I",
+            "FORWARD",
+            "1",
+            "-m",
+            "conntrack",
+            "--ctstate",
+            "INVALID",
+            "-j",
+            "DROP",
+        ]))
+        .unwrap();
+    }
+    let (client, server) = (&lab.nodes[0].pods[0], &lab.nodes[1].pods[0]);
+    let seen = tcp_source_seen(&server.ns, server.ip, &client.ns, 33000).expect("pod → pod TCP");
+    assert_eq!(seen.ip(), client.ip);
+    assert!(counter(&lab, 0, "vxlan-encapsulated") > 0, "through our programs");
+}
+
+/// With --netfilter-bypass the pod bridge's program forwards pod traffic itself.
+#[test]
+fn ebpf_netfilter_bypass_every_pod_pair_and_masquerade() {
+    let config =
+        LabConfig { datapath: "ebpf".into(), agent_args: vec!["--netfilter-bypass".into()], ..LabConfig::default() };
+    let lab = Lab::start(config).expect("lab starts");
+    connectivity(&lab);
+    let links = lab.inspect(0).unwrap()["links"].to_string();
+    assert!(links.contains("cni0/fl_pod_egress"), "{links}");
+}
+
 /// The eBPF datapath with VXLAN decapsulated at TC ingress instead of XDP.
 #[test]
 fn ebpf_tc_decap_every_pod_pair_and_masquerade() {

@@ -3,8 +3,8 @@
 //!
 //! | program               | hook                       | job                                    |
 //! |-----------------------|----------------------------|----------------------------------------|
-//! | `fl_pod_egress`       | TC ingress of the pod bridge | pods → remote subnets: encap / host-gw |
-//! | `fl_host_egress`      | TC egress of `fl_host`       | the node → remote subnets, same        |
+//! | `fl_host_egress`      | TC egress of `fl_host`       | node and pods → remote subnets: encap / host-gw |
+//! | `fl_pod_egress`       | TC ingress of the pod bridge | pods → remote subnets, skipping netfilter (`--netfilter-bypass`) |
 //! | `fl_underlay_ingress` | XDP on the external interface | VXLAN from lease holders: decap       |
 //! | `fl_underlay_ingress_tc` | TC ingress of the external interface | the same (`--vxlan-decap tc`) |
 //! | `fl_snat_egress`      | TC egress of the external interface | pod → outside: masquerade (`--ip-masq`) |
@@ -70,6 +70,8 @@ pub struct EbpfOptions {
     pub masquerade: Option<SnatOptions>,
     /// `--vxlan-decap`.
     pub decap: DecapHook,
+    /// `--netfilter-bypass`: attach `fl_pod_egress` to the pod bridge.
+    pub netfilter_bypass: bool,
 }
 
 pub struct EbpfDatapath {
@@ -221,10 +223,18 @@ impl EbpfDatapath {
         Ok(())
     }
 
-    /// The pod bridge exists only once the CNI plugin made the first pod; until then pods have
-    /// no traffic, and afterwards it is picked up here (every resync).
+    /// With `--netfilter-bypass`: the pod bridge exists only once the CNI plugin made the first
+    /// pod; it is picked up from the link notification (and at every resync). Without it, pod
+    /// traffic is routed by the stack to `fl_host` like the node's own, and a link an earlier
+    /// run left on the bridge is removed.
     async fn attach_pod_bridge(&mut self) -> Result<()> {
         let bridge = self.options.pod_bridge.clone();
+        if !self.options.netfilter_bypass {
+            if links::detach(&self.options.pin_root, &bridge, POD_EGRESS)? {
+                tracing::info!(bridge, "netfilter bypass is off: detached the pod bridge's program");
+            }
+            return Ok(());
+        }
         match kernel::link_index(&self.handle, &bridge).await? {
             Some(index) => self.attach_once(POD_EGRESS, &bridge, index, Hook::TcIngress),
             None => {
@@ -411,7 +421,7 @@ impl Datapath for EbpfDatapath {
     async fn kernel_changed(&mut self) {
         loop {
             match self.link_events.recv().await {
-                Some(name) if name == self.options.pod_bridge => return,
+                Some(name) if self.options.netfilter_bypass && name == self.options.pod_bridge => return,
                 Some(_) => {}
                 // The notification socket is gone; the periodic resync still attaches.
                 None => std::future::pending::<()>().await,
