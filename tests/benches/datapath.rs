@@ -301,9 +301,14 @@ fn main() -> Result<()> {
     let host_gw = Lab::start(small("host-gw", "netlink"))?;
     let ebpf = Lab::start(small("vxlan", "ebpf"))?;
     let ebpf_host_gw = Lab::start(small("host-gw", "ebpf"))?;
-    let ebpf_tc_decap =
-        Lab::start(LabConfig { agent_args: vec!["--vxlan-decap".into(), "tc".into()], ..small("vxlan", "ebpf") })?;
-    let labs = [classic, host_gw, ebpf, ebpf_host_gw, ebpf_tc_decap];
+    let with_args = |backend: &str, args: &[&str]| LabConfig {
+        agent_args: args.iter().map(|a| a.to_string()).collect(),
+        ..small(backend, "ebpf")
+    };
+    let ebpf_tc_decap = Lab::start(with_args("vxlan", &["--vxlan-decap", "tc"]))?;
+    let ebpf_bypass = Lab::start(with_args("vxlan", &["--netfilter-bypass"]))?;
+    let ebpf_host_gw_bypass = Lab::start(with_args("host-gw", &["--netfilter-bypass"]))?;
+    let labs = [classic, host_gw, ebpf, ebpf_host_gw, ebpf_tc_decap, ebpf_bypass, ebpf_host_gw_bypass];
     for lab in labs.iter() {
         for node in &lab.nodes {
             for pod in &node.pods {
@@ -324,6 +329,8 @@ fn main() -> Result<()> {
         pod_path("our eBPF vxlan (XDP decap), pod → pod", &labs[2]),
         pod_path("our eBPF vxlan (--vxlan-decap tc), pod → pod", &labs[4]),
         pod_path("our eBPF host-gw, pod → pod", &labs[3]),
+        pod_path("our eBPF vxlan (XDP decap) --netfilter-bypass, pod → pod", &labs[5]),
+        pod_path("our eBPF host-gw --netfilter-bypass, pod → pod", &labs[6]),
     ];
     let masq_paths = [("iptables MASQUERADE + conntrack (netlink datapath)", &labs[0]), ("our eBPF SNAT", &labs[2])];
     let mut samples: Vec<Samples> = paths.iter().map(|_| Samples::default()).collect();
