@@ -169,8 +169,9 @@ pub struct DaemonArgs {
           default_value_t = false, default_missing_value = "true")]
     pub netfilter_bypass: bool,
 
-    /// eBPF datapath: the bridge the CNI plugin attaches pods to (the flannel CNI plugin's
-    /// default is cni0). Pod traffic is forwarded from its ingress once it exists.
+    /// eBPF datapath with --netfilter-bypass: the bridge the CNI plugin attaches pods to (the
+    /// flannel CNI plugin's default is cni0); pod traffic is forwarded from its ingress once
+    /// it exists.
     #[arg(long, env = "FLANNELD_POD_BRIDGE", default_value = "cni0")]
     pub pod_bridge: String,
 }
