@@ -128,11 +128,15 @@ fn parse_default_route(table: &str) -> Option<String> {
     })
 }
 
+/// The index of interface `name` in the caller's network namespace.
 pub fn if_index(name: &str) -> Result<u32> {
+    if name.is_empty() || name.len() >= libc::IF_NAMESIZE || name.contains(['/', '\0']) {
+        bail!("invalid interface name {name:?}");
+    }
     let c_name = std::ffi::CString::new(name)?;
     // SAFETY: NUL-terminated name.
     match unsafe { libc::if_nametoindex(c_name.as_ptr()) } {
-        0 => bail!("interface {name} does not exist"),
+        0 => bail!("interface {name:?} does not exist in this network namespace"),
         index => Ok(index),
     }
 }

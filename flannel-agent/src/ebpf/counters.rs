@@ -35,7 +35,7 @@ pub use super::links::links_dir;
 /// with the counters map and both links pinned under `pin_root`. On failure nothing new is
 /// left pinned.
 pub fn attach(interface: &str, pin_root: &Path) -> Result<()> {
-    let ifindex = interface_index(interface)?;
+    let ifindex = crate::iface::if_index(interface)?;
     let links = links_dir(pin_root, interface);
     let had_links = links.exists();
     let result = attach_inner(interface, pin_root, &links);
@@ -60,8 +60,6 @@ fn attach_inner(interface: &str, pin_root: &Path, links: &Path) -> Result<()> {
     links::attach(&mut ebpf, TC_PROGRAM, interface, Hook::TcEgress, pin_root)?;
     Ok(())
 }
-
-pub use super::links::interface_index;
 
 /// Removes the map pins and directories once no interface has links left.
 fn remove_unused_pins(pin_root: &Path) {

@@ -9,7 +9,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use aya::{
     programs::{
         links::{FdLink, LinkError, PinnedLink},
@@ -162,17 +162,4 @@ fn attach_pinned<P: LinkAttach>(program: &mut P, interface: &str, pin: &Path, ho
     link.pin(pin).with_context(|| format!("pinning link at {}", pin.display()))?;
     tracing::info!(interface, ?hook, pin = %pin.display(), "attached and pinned");
     Ok(())
-}
-
-/// The index of `interface` in the caller's network namespace.
-pub fn interface_index(interface: &str) -> Result<u32> {
-    if interface.is_empty() || interface.len() >= libc::IF_NAMESIZE || interface.contains(['/', '\0']) {
-        bail!("invalid interface name {interface:?}");
-    }
-    let c_name = std::ffi::CString::new(interface)?;
-    // SAFETY: c_name is NUL-terminated.
-    match unsafe { libc::if_nametoindex(c_name.as_ptr()) } {
-        0 => bail!("interface {interface:?} does not exist in this network namespace"),
-        index => Ok(index),
-    }
 }

@@ -128,10 +128,6 @@ impl EbpfDatapath {
         })
     }
 
-    pub fn table(&self) -> &LeaseTable {
-        &self.table
-    }
-
     async fn write_node_config(&mut self, local: &LocalNode) -> Result<()> {
         let ext_mac = kernel::link_mac(&self.handle, local.external.index).await?;
         let (vni, vxlan_port) = match &local.backend {
