@@ -61,6 +61,8 @@ struct Flow {
     /// Source and destination port (ICMP echo: identifier as the pod-side port, 0).
     src_port: u16,
     dst_port: u16,
+    /// TCP flags, read once with the ports; 0 for UDP and ICMP.
+    tcp_flags: u8,
 }
 
 impl Flow {
@@ -119,10 +121,15 @@ fn parse(ctx: &TcContext, icmp_type: u8) -> Option<Flow> {
     }
     let l4 = ETH_HLEN + usize::from(ip[0] & 0x0f) * 4;
     let proto = ip[9];
-    let (src_port, dst_port) = match proto {
-        IPPROTO_TCP | IPPROTO_UDP => {
+    let (src_port, dst_port, tcp_flags) = match proto {
+        IPPROTO_TCP => {
+            let head: [u8; TCP_FLAGS_OFF + 1] = ctx.load(l4).ok()?;
+            let ports = (u16::from_be_bytes([head[0], head[1]]), u16::from_be_bytes([head[2], head[3]]));
+            (ports.0, ports.1, head[TCP_FLAGS_OFF])
+        }
+        IPPROTO_UDP => {
             let ports: [u8; 4] = ctx.load(l4).ok()?;
-            (u16::from_be_bytes([ports[0], ports[1]]), u16::from_be_bytes([ports[2], ports[3]]))
+            (u16::from_be_bytes([ports[0], ports[1]]), u16::from_be_bytes([ports[2], ports[3]]), 0)
         }
         IPPROTO_ICMP => {
             let head: [u8; 6] = ctx.load(l4).ok()?;
@@ -131,9 +138,9 @@ fn parse(ctx: &TcContext, icmp_type: u8) -> Option<Flow> {
             }
             let id = u16::from_be_bytes([head[4], head[5]]);
             if icmp_type == ICMP_ECHO_REQUEST {
-                (id, 0)
+                (id, 0, 0)
             } else {
-                (0, id)
+                (0, id, 0)
             }
         }
         _ => return None,
@@ -145,6 +152,7 @@ fn parse(ctx: &TcContext, icmp_type: u8) -> Option<Flow> {
         l4,
         src_port,
         dst_port,
+        tcp_flags,
     })
 }
 
@@ -210,10 +218,10 @@ fn snat_egress(ctx: &TcContext) -> Result<(), Stat> {
                 entry.last_seen_ns = now;
                 restore_reply_half(&flow, entry, now);
             }
-            note_closing(ctx, &flow, entry);
+            note_closing(&flow, entry);
             (entry.to_ip, entry.to_port)
         }
-        None if !opens_connection(ctx, &flow) => return Ok(()),
+        None if !opens_connection(&flow) => return Ok(()),
         None => new_mapping(&flow, &key, &node, now)?,
     };
     rewrite(ctx, &flow, true, nat_ip, nat_port)?;
@@ -223,22 +231,17 @@ fn snat_egress(ctx: &TcContext) -> Result<(), Stat> {
 
 /// Marks a TCP translation whose FIN or RST passes, so the agent expires it soon after.
 #[inline(always)]
-fn note_closing(ctx: &TcContext, flow: &Flow, entry: &mut SnatEntry) {
-    if flow.proto == IPPROTO_TCP && entry.flags & SNAT_FLAG_CLOSING == 0 {
-        if ctx.load::<u8>(flow.l4 + TCP_FLAGS_OFF).is_ok_and(|f| f & (TCP_FIN | TCP_RST) != 0) {
-            entry.flags |= SNAT_FLAG_CLOSING;
-        }
+fn note_closing(flow: &Flow, entry: &mut SnatEntry) {
+    if flow.tcp_flags & (TCP_FIN | TCP_RST) != 0 && entry.flags & SNAT_FLAG_CLOSING == 0 {
+        entry.flags |= SNAT_FLAG_CLOSING;
     }
 }
 
 /// Whether a packet without a mapping may start one: a TCP SYN (anything else is a reply or
 /// the middle of a connection MASQUERADE never translated); any UDP datagram or echo request.
 #[inline(always)]
-fn opens_connection(ctx: &TcContext, flow: &Flow) -> bool {
-    if flow.proto != IPPROTO_TCP {
-        return true;
-    }
-    ctx.load::<u8>(flow.l4 + TCP_FLAGS_OFF).is_ok_and(|flags| flags & (TCP_SYN | TCP_ACK) == TCP_SYN)
+fn opens_connection(flow: &Flow) -> bool {
+    flow.proto != IPPROTO_TCP || flow.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
 }
 
 /// The reply-side key for `flow` translated to `nat_ip:nat_port`.
@@ -314,7 +317,7 @@ fn snat_ingress(ctx: &TcContext) -> Result<(), Stat> {
             }
         }
     }
-    note_closing(ctx, &flow, entry);
+    note_closing(&flow, entry);
     let (pod_ip, pod_port) = (entry.to_ip, entry.to_port);
     rewrite(ctx, &flow, false, pod_ip, pod_port)?;
     count(Stat::SnatReplyTranslated);

@@ -11,7 +11,7 @@ use std::{
 use anyhow::{Context, Result};
 use aya::maps::{lpm_trie::LpmTrie, Array, HashMap, Map, MapData, PerCpuArray};
 use flannel_common::{
-    snat::{SNAT_EGRESS, SNAT_FLAG_CLOSING},
+    snat::{IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, SNAT_EGRESS, SNAT_FLAG_CLOSING},
     LeaseEntry, LeaseKind, NodeConfig, SnatEntry, SnatKey, Stat, LEASES_MAP, NODE_MAP, PEERS_MAP, SNAT_MAP, STATS_MAP,
 };
 use serde::Serialize;
@@ -116,9 +116,9 @@ pub fn snapshot(pin_root: &Path) -> Result<Snapshot> {
         }
         masquerade.push(SnatRow {
             protocol: match key.proto {
-                6 => "tcp",
-                17 => "udp",
-                1 => "icmp",
+                IPPROTO_TCP => "tcp",
+                IPPROTO_UDP => "udp",
+                IPPROTO_ICMP => "icmp",
                 _ => "other",
             },
             flow: format!(
