@@ -131,7 +131,7 @@ pub struct DaemonArgs {
     #[arg(long, env = "FLANNELD_HEALTHZ_PORT", default_value_t = 0)]
     pub healthz_port: u16,
 
-    /// Datapath: ebpf (TC/XDP programs), netlink (flannel's classic kernel datapath), or
+    /// Datapath: ebpf (TC programs and BPF maps), netlink (flannel's classic kernel datapath), or
     /// auto (eBPF where it loads, netlink otherwise).
     #[arg(long, env = "FLANNELD_DATAPATH", value_enum, default_value_t = DatapathKind::Auto)]
     pub datapath: DatapathKind,
@@ -152,26 +152,23 @@ pub struct DaemonArgs {
     #[arg(long, env = "FLANNELD_SNAT_IDLE_TIMEOUT", default_value_t = 180)]
     pub snat_idle_timeout: u64,
 
-    /// eBPF datapath, vxlan: where VXLAN from peers is decapsulated. xdp: an XDP program on the
-    /// external interface (cheapest per packet on a NIC); tc: a TCX ingress program, which
-    /// handles a GSO packet (veth, or a NIC with UDP-tunnel GRO) once instead of per segment
-    /// and leaves the sender's segmentation offload on (XDP on a veth turns its peer's off).
-    #[arg(long, env = "FLANNELD_VXLAN_DECAP", value_enum, default_value_t = DecapHook::Xdp)]
-    pub vxlan_decap: DecapHook,
-
-    /// eBPF datapath: forward pod traffic from the pod bridge straight to the underlay,
-    /// skipping the node's routing, netfilter and conntrack (faster). Off by default because
-    /// conntrack then sees only the replies of pod-to-pod connections: kube-proxy's
-    /// `--ctstate INVALID -j DROP` drops them, and iptables-based NetworkPolicy agents (Canal)
-    /// no longer see the traffic. Turn on only when nothing on the node filters or tracks
-    /// forwarded pod traffic.
+    /// eBPF datapath: pod ↔ remote pod traffic skips the node's routing, netfilter and
+    /// conntrack in both directions (faster): what a known local pod sends to a remote pod
+    /// goes from the pod bridge straight into the tunnel (vxlan) or out of the external
+    /// interface (host-gw), and what arrives for a known local pod goes straight into it
+    /// (bpf_redirect_peer). Both directions of a flow always take the same path: flows the
+    /// stack carried one way (node traffic, ClusterIP/NodePort DNAT, masquerade, pods the
+    /// agent has not learned yet) are recorded and their replies handed to the stack, so
+    /// conntrack and kube-proxy keep working. Skipped for bypassed pod ↔ pod traffic:
+    /// iptables/nftables rules on FORWARD (iptables-based NetworkPolicy, e.g. Canal) and
+    /// conntrack accounting. Off by default.
     #[arg(long, env = "FLANNELD_NETFILTER_BYPASS", action = bool_flag!(), num_args = 0..=1,
           default_value_t = false, default_missing_value = "true")]
     pub netfilter_bypass: bool,
 
     /// eBPF datapath with --netfilter-bypass: the bridge the CNI plugin attaches pods to (the
-    /// flannel CNI plugin's default is cni0); pod traffic is forwarded from its ingress once
-    /// it exists.
+    /// flannel CNI plugin's default is cni0); its programs are attached once it exists, and
+    /// its pods are learned from its neighbours and forwarding database.
     #[arg(long, env = "FLANNELD_POD_BRIDGE", default_value = "cni0")]
     pub pod_bridge: String,
 }
@@ -188,12 +185,6 @@ fn parse_port_range(text: &str) -> Result<(u16, u16), String> {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum DecapHook {
-    Xdp,
-    Tc,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum DatapathKind {
     Auto,
     Ebpf,
@@ -204,9 +195,6 @@ pub enum DatapathKind {
 pub enum Command {
     /// Write Docker daemon options from subnet.env, like flannel's mk-docker-opts.sh.
     DockerOpts(DockerOptsArgs),
-    /// Per-interface packet counters (XDP ingress, TC egress) in pinned BPF maps.
-    #[command(subcommand)]
-    Counters(CountersCommand),
     /// Show the eBPF datapath's state from the pinned maps under --bpf-pin-path: this node's
     /// settings, the lease table, accepted VXLAN sources, per-path and drop counters, and the
     /// attached programs. Works whether or not the agent runs.
@@ -238,30 +226,6 @@ pub struct DockerOptsArgs {
     /// mk-docker-opts.sh's own default is DOCKER_OPTS).
     #[arg(short = 'k', default_value = "DOCKER_NETWORK_OPTIONS")]
     pub combined_key: String,
-}
-
-#[derive(Debug, Subcommand)]
-pub enum CountersCommand {
-    /// Load the counter programs and attach them to an interface; links and the map are
-    /// pinned, so they stay attached after this command exits. Attaching again replaces the
-    /// programs atomically.
-    Attach(InterfaceArg),
-    /// Remove an interface's pinned links (detaching the programs); the map goes with the
-    /// last interface.
-    Detach(InterfaceArg),
-    /// Print the counters from the pinned map, summed over CPUs.
-    Show {
-        /// Print JSON instead of a table.
-        #[arg(long)]
-        json: bool,
-    },
-}
-
-#[derive(Debug, Args)]
-pub struct InterfaceArg {
-    /// Interface name in the current network namespace.
-    #[arg(long)]
-    pub iface: String,
 }
 
 /// Long flag names that Go's flag package also accepts with one dash.

@@ -97,7 +97,6 @@ pub async fn run(options: DaemonOptions) -> Result<()> {
     let ebpf_options = EbpfOptions {
         pin_root: options.bpf_pin_path.clone(),
         pod_bridge: args.pod_bridge.clone(),
-        decap: args.vxlan_decap,
         netfilter_bypass: args.netfilter_bypass,
         masquerade: args.ip_masq.then_some(SnatOptions {
             port_min: args.snat_port_range.0,
@@ -110,12 +109,12 @@ pub async fn run(options: DaemonOptions) -> Result<()> {
         DatapathKind::Ebpf => {
             let datapath =
                 EbpfDatapath::open(ebpf_options).context("--datapath ebpf: the eBPF datapath cannot be loaded")?;
-            tracing::info!("--datapath ebpf: forwarding with TC/XDP programs");
+            tracing::info!("--datapath ebpf: forwarding with TC programs on the tunnel device, the pod bridge and the external interface");
             run_with(node, datapath, args, &shutdown).await
         }
         DatapathKind::Auto => match EbpfDatapath::open(ebpf_options.clone()) {
             Ok(datapath) => {
-                tracing::info!("--datapath auto: the eBPF programs loaded; forwarding with TC/XDP programs");
+                tracing::info!("--datapath auto: the eBPF programs loaded; forwarding with TC programs on the tunnel device, the pod bridge and the external interface");
                 run_with(node, datapath, args, &shutdown).await
             }
             Err(error) => {

@@ -3,10 +3,10 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::Parser;
 use flannel_agent::{
-    cli::{normalize_go_flags, Cli, Command, CountersCommand, DockerOptsArgs},
+    cli::{normalize_go_flags, Cli, Command, DockerOptsArgs},
     daemon::{self, DaemonOptions},
     docker_opts::{self, DockerOpts},
-    ebpf::{counters, inspect},
+    ebpf::inspect,
 };
 use tracing_subscriber::EnvFilter;
 
@@ -47,8 +47,6 @@ fn run(cli: Cli) -> Result<()> {
             runtime.block_on(daemon::run(DaemonOptions { args: cli.daemon, bpf_pin_path: cli.bpf_pin_path }))
         }
         Some(Command::DockerOpts(args)) => docker_opts::run(&docker_opts_from(args)),
-        Some(Command::Counters(CountersCommand::Attach(arg))) => counters::attach(&arg.iface, &cli.bpf_pin_path),
-        Some(Command::Counters(CountersCommand::Detach(arg))) => counters::detach(&arg.iface, &cli.bpf_pin_path),
         Some(Command::Inspect { json }) => {
             let snapshot = inspect::snapshot(&cli.bpf_pin_path).with_context(|| {
                 format!("no eBPF datapath state under {} (wrong --bpf-pin-path?)", cli.bpf_pin_path.display())
@@ -57,22 +55,6 @@ fn run(cli: Cli) -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&snapshot)?);
             } else {
                 print!("{}", inspect::render(&snapshot));
-            }
-            Ok(())
-        }
-        Some(Command::Counters(CountersCommand::Show { json })) => {
-            let rows = counters::read(&cli.bpf_pin_path)?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&rows)?);
-            } else {
-                println!("{:<8} {:<16} {:<12} {:>12} {:>14}", "IFINDEX", "INTERFACE", "DIRECTION", "PACKETS", "BYTES");
-                for row in rows {
-                    let name = counters::interface_name(row.ifindex).unwrap_or_else(|| "-".into());
-                    println!(
-                        "{:<8} {:<16} {:<12} {:>12} {:>14}",
-                        row.ifindex, name, row.direction, row.packets, row.bytes
-                    );
-                }
             }
             Ok(())
         }

@@ -6,14 +6,16 @@
 //! reuses a pinned map of the old layout (aya reuses pins without checking them).
 #![no_std]
 
-pub mod counters;
+pub mod endpoints;
+pub mod flows;
 pub mod leases;
 pub mod node;
 pub mod peers;
 pub mod snat;
 pub mod stats;
 
-pub use counters::{Direction, IfaceCounterKey, PacketCounter, COUNTERS_MAP};
+pub use endpoints::{EndpointEntry, ENDPOINTS_MAP};
+pub use flows::{FlowKey, STACK_FLOWS_MAP};
 pub use leases::{LeaseEntry, LeaseKind, LEASES_MAP};
 pub use node::{NodeConfig, NODE_MAP};
 pub use peers::PEERS_MAP;

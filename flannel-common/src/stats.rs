@@ -7,19 +7,19 @@ pub const STATS_MAP: &str = "fl_stats_v1";
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Stat {
-    /// VXLAN from a current lease's PublicIP, decapsulated.
+    /// VXLAN from a current lease's PublicIP on our VNI for our VtepMAC: accepted.
     Decapsulated = 0,
     /// VXLAN on our port and VNI from an address that holds no lease: dropped.
     DropSpoofedSource = 1,
     /// VXLAN from a peer whose inner destination MAC is not our VtepMAC: dropped.
     DropWrongVtepMac = 2,
-    /// Pod or host traffic encapsulated towards a remote vxlan lease.
+    /// Pod or host traffic given the tunnel key of a remote vxlan lease.
     Encapsulated = 3,
     /// Pod or host traffic sent straight to a host-gw peer's PublicIP.
     HostGwForwarded = 4,
     /// Pod traffic to a remote lease with TTL ≤ 1: dropped (the stack answers nothing).
     DropTtlExceeded = 5,
-    /// The packet could not be grown or rewritten (encapsulation, TTL, masquerade): dropped.
+    /// The packet could not be rewritten (tunnel key, MACs, TTL, masquerade): dropped.
     DropRewriteFailed = 6,
     /// Pod → outside connections given a new masquerade mapping.
     SnatNewMapping = 7,
@@ -31,6 +31,20 @@ pub enum Stat {
     DropSnatNoPort = 10,
     /// A mapping found with its reverse half evicted by the LRU, and restored.
     SnatRestored = 11,
+    /// VXLAN on our port from a lease holder but with another VNI: dropped.
+    DropWrongVni = 12,
+    /// Decapsulated frame that is not IPv4 (ARP, IPv6, …): dropped, never handed to the stack.
+    DropInnerNotIpv4 = 13,
+    /// Traffic routed into the tunnel device for an address no lease covers: dropped.
+    DropNoLease = 14,
+    /// Bypass: delivered straight into a local pod (`bpf_redirect_peer`).
+    BypassDeliveredToPod = 15,
+    /// Bypass: a packet of a flow the stack carried the other way, handed to the stack.
+    BypassToStack = 16,
+    /// Bypass: pod traffic forwarded from the pod bridge without the stack.
+    BypassForwarded = 17,
+    /// A received tunnel frame without tunnel metadata: dropped.
+    DropNoTunnelKey = 18,
 }
 
 /// Capacity of the counters array (more than [`Stat::ALL`], so counters can be added without
@@ -38,7 +52,7 @@ pub enum Stat {
 pub const STAT_SLOTS: u32 = 32;
 
 impl Stat {
-    pub const ALL: [Stat; 12] = [
+    pub const ALL: [Stat; 19] = [
         Stat::Encapsulated,
         Stat::HostGwForwarded,
         Stat::Decapsulated,
@@ -51,6 +65,13 @@ impl Stat {
         Stat::SnatReplyTranslated,
         Stat::DropSnatNoPort,
         Stat::SnatRestored,
+        Stat::DropWrongVni,
+        Stat::DropInnerNotIpv4,
+        Stat::DropNoLease,
+        Stat::DropNoTunnelKey,
+        Stat::BypassForwarded,
+        Stat::BypassDeliveredToPod,
+        Stat::BypassToStack,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -67,6 +88,13 @@ impl Stat {
             Stat::SnatReplyTranslated => "snat-reply-translated",
             Stat::DropSnatNoPort => "drop-snat-no-free-port",
             Stat::SnatRestored => "snat-mapping-restored",
+            Stat::DropWrongVni => "drop-vxlan-wrong-vni",
+            Stat::DropInnerNotIpv4 => "drop-vxlan-inner-not-ipv4",
+            Stat::DropNoLease => "drop-no-lease",
+            Stat::DropNoTunnelKey => "drop-no-tunnel-key",
+            Stat::BypassForwarded => "bypass-forwarded",
+            Stat::BypassDeliveredToPod => "bypass-delivered-to-pod",
+            Stat::BypassToStack => "bypass-to-stack",
         }
     }
 }

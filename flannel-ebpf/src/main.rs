@@ -3,11 +3,14 @@
 #![no_std]
 #![no_main]
 
-mod counters;
-mod decap;
-mod egress;
+mod bridge;
+mod forward;
 mod maps;
+mod parse;
+mod pod;
 mod snat;
+mod tunnel;
+mod underlay;
 
 #[cfg(not(test))]
 #[panic_handler]

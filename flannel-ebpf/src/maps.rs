@@ -6,6 +6,8 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use flannel_common::{
+    endpoints::{EndpointEntry, ENDPOINTS_MAX_ENTRIES},
+    flows::{FlowKey, STACK_FLOWS_MAX_ENTRIES},
     leases::{LeaseEntry, LEASES_MAX_ENTRIES},
     node::NodeConfig,
     peers::PEERS_MAX_ENTRIES,
@@ -18,7 +20,7 @@ use flannel_common::{
 pub static LEASES: LpmTrie<[u8; 4], LeaseEntry, LEASES_MAX_ENTRIES> = LpmTrie::new();
 
 /// This node's own settings (one entry).
-#[btf_map(name = "fl_node_v2")]
+#[btf_map(name = "fl_node_v3")]
 pub static NODE: Array<NodeConfig, 1> = Array::new();
 
 /// PublicIPs holding a vxlan lease: the only accepted VXLAN sources.
@@ -28,6 +30,14 @@ pub static PEERS: HashMap<[u8; 4], u32, PEERS_MAX_ENTRIES> = HashMap::new();
 /// Masquerade translations, both halves of each (see `flannel_common::snat`).
 #[btf_map(name = "fl_snat_v1")]
 pub static SNAT: LruHashMap<SnatKey, SnatEntry, { SNAT_MAX_ENTRIES as usize }> = LruHashMap::new();
+
+/// Local pods: where `--netfilter-bypass` delivers their traffic (see `flannel_common::endpoints`).
+#[btf_map(name = "fl_endpoints_v1")]
+pub static ENDPOINTS: HashMap<[u8; 4], EndpointEntry, ENDPOINTS_MAX_ENTRIES> = HashMap::new();
+
+/// Flows the stack carried, value: last seen (ns); see `flannel_common::flows`.
+#[btf_map(name = "fl_stack_flows_v1")]
+pub static STACK_FLOWS: LruHashMap<FlowKey, u64, { STACK_FLOWS_MAX_ENTRIES as usize }> = LruHashMap::new();
 
 /// Per-CPU packet counters per path and drop reason.
 #[btf_map(name = "fl_stats_v1")]

@@ -31,43 +31,33 @@ use flannel_common::{
     stats::Stat,
 };
 
-use crate::maps::{count, NODE, SNAT};
+use crate::{
+    maps::{count, NODE, SNAT},
+    parse::{in_network, ipv4_flow, Flow, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF},
+};
 
-const ETH_HLEN: usize = 14;
-const ETH_P_IP: u16 = 0x0800;
-const IP_SRC_OFF: usize = ETH_HLEN + 12;
-const IP_DST_OFF: usize = ETH_HLEN + 16;
-const IP_CSUM_OFF: usize = ETH_HLEN + 10;
-const ICMP_ECHO_REPLY: u8 = 0;
-const TCP_FLAGS_OFF: usize = 13;
 const TCP_FIN: u8 = 0x01;
 const TCP_SYN: u8 = 0x02;
 const TCP_RST: u8 = 0x04;
 const TCP_ACK: u8 = 0x10;
-const ICMP_ECHO_REQUEST: u8 = 8;
 /// Candidate ports tried for a new connection before giving up.
 const PORT_ATTEMPTS: u32 = 16;
 /// `last_seen_ns` is refreshed at most this often, to keep the hot path read-mostly.
 const REFRESH_NS: u64 = 1_000_000_000;
 
-/// The parts of an IPv4 packet masquerade looks at.
-#[derive(Clone, Copy)]
-struct Flow {
-    src: [u8; 4],
-    dst: [u8; 4],
-    proto: u8,
-    /// Offset of the L4 header.
-    l4: usize,
-    /// Source and destination port (ICMP echo: identifier as the pod-side port, 0).
-    src_port: u16,
-    dst_port: u16,
-    /// TCP flags, read once with the ports; 0 for UDP and ICMP.
-    tcp_flags: u8,
+/// What masquerade needs of a [`Flow`] beyond the shared parser.
+trait Masquerade {
+    /// The flow's own tuple as a masquerade map key.
+    fn snat_key(&self, direction: u8) -> SnatKey;
+    /// Where the port this side of the translation owns lives: the source port on egress,
+    /// the destination port on ingress (ICMP: the identifier either way).
+    fn port_offset(&self, source_side: bool) -> usize;
+    /// The L4 checksum and whether the IP addresses are part of it (pseudo-header).
+    fn l4_checksum(&self) -> (usize, u64);
 }
 
-impl Flow {
-    /// The flow's own tuple as a map key.
-    fn key(&self, direction: u8) -> SnatKey {
+impl Masquerade for Flow {
+    fn snat_key(&self, direction: u8) -> SnatKey {
         SnatKey {
             src_ip: self.src,
             dst_ip: self.dst,
@@ -79,13 +69,6 @@ impl Flow {
         }
     }
 
-    /// The tuple of this flow's replies.
-    fn reversed(&self) -> Flow {
-        Flow { src: self.dst, dst: self.src, src_port: self.dst_port, dst_port: self.src_port, ..*self }
-    }
-
-    /// Where the port this side of the translation owns lives: the source port on egress,
-    /// the destination port on ingress (ICMP: the identifier either way).
     fn port_offset(&self, source_side: bool) -> usize {
         match self.proto {
             IPPROTO_ICMP => self.l4 + 4,
@@ -94,7 +77,6 @@ impl Flow {
         }
     }
 
-    /// The L4 checksum and whether the IP addresses are part of it (pseudo-header).
     fn l4_checksum(&self) -> (usize, u64) {
         match self.proto {
             IPPROTO_TCP => (self.l4 + 16, BPF_F_PSEUDO_HDR as u64),
@@ -104,63 +86,19 @@ impl Flow {
     }
 }
 
-/// Reads the flow of an IPv4 TCP/UDP/ICMP-echo packet; None for anything masquerade leaves
-/// alone. `icmp_type` is the echo type expected in this direction.
+/// The flow of an IPv4 TCP/UDP/ICMP-echo packet; None for anything masquerade leaves alone.
+/// `icmp_type` is the echo type expected in this direction.
 #[inline(always)]
 fn parse(ctx: &TcContext, icmp_type: u8) -> Option<Flow> {
-    let ethertype: u16 = ctx.load(12).ok()?;
-    if u16::from_be(ethertype) != ETH_P_IP {
-        return None;
+    let flow = ipv4_flow(ctx)?;
+    if flow.later_fragment {
+        return None; // no ports to translate
     }
-    let ip: [u8; 20] = ctx.load(ETH_HLEN).ok()?;
-    if ip[0] >> 4 != 4 {
-        return None;
+    match flow.proto {
+        IPPROTO_TCP | IPPROTO_UDP => Some(flow),
+        IPPROTO_ICMP if flow.icmp_type == icmp_type => Some(flow),
+        _ => None,
     }
-    if u16::from_be_bytes([ip[6], ip[7]]) & 0x1fff != 0 {
-        return None; // a non-first fragment: no ports to translate
-    }
-    let l4 = ETH_HLEN + usize::from(ip[0] & 0x0f) * 4;
-    let proto = ip[9];
-    let (src_port, dst_port, tcp_flags) = match proto {
-        IPPROTO_TCP => {
-            let head: [u8; TCP_FLAGS_OFF + 1] = ctx.load(l4).ok()?;
-            let ports = (u16::from_be_bytes([head[0], head[1]]), u16::from_be_bytes([head[2], head[3]]));
-            (ports.0, ports.1, head[TCP_FLAGS_OFF])
-        }
-        IPPROTO_UDP => {
-            let ports: [u8; 4] = ctx.load(l4).ok()?;
-            (u16::from_be_bytes([ports[0], ports[1]]), u16::from_be_bytes([ports[2], ports[3]]), 0)
-        }
-        IPPROTO_ICMP => {
-            let head: [u8; 6] = ctx.load(l4).ok()?;
-            if head[0] != icmp_type {
-                return None;
-            }
-            let id = u16::from_be_bytes([head[4], head[5]]);
-            if icmp_type == ICMP_ECHO_REQUEST {
-                (id, 0, 0)
-            } else {
-                (0, id, 0)
-            }
-        }
-        _ => return None,
-    };
-    Some(Flow {
-        src: [ip[12], ip[13], ip[14], ip[15]],
-        dst: [ip[16], ip[17], ip[18], ip[19]],
-        proto,
-        l4,
-        src_port,
-        dst_port,
-        tcp_flags,
-    })
-}
-
-#[inline(always)]
-fn in_network(ip: [u8; 4], node: &NodeConfig) -> bool {
-    let prefix = u32::from(node.network_prefix);
-    let mask = if prefix == 0 { 0 } else { u32::MAX << (32 - prefix.min(32)) };
-    u32::from_be_bytes(ip) & mask == u32::from_be_bytes(node.network) & mask
 }
 
 #[classifier]
@@ -199,7 +137,7 @@ fn snat_egress(ctx: &TcContext) -> Result<(), Stat> {
     if !in_network(flow.src, &node) || in_network(flow.dst, &node) || flow.dst[0] & 0xf0 == 0xe0 {
         return Ok(());
     }
-    let key = flow.key(SNAT_EGRESS);
+    let key = flow.snat_key(SNAT_EGRESS);
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     let (nat_ip, nat_port) = match SNAT.get_ptr_mut(&key) {
@@ -247,7 +185,7 @@ fn opens_connection(flow: &Flow) -> bool {
 /// The reply-side key for `flow` translated to `nat_ip:nat_port`.
 #[inline(always)]
 fn reply_key(flow: &Flow, nat_ip: [u8; 4], nat_port: u16) -> SnatKey {
-    Flow { dst: nat_ip, dst_port: nat_port, ..flow.reversed() }.key(SNAT_INGRESS)
+    Flow { dst: nat_ip, dst_port: nat_port, ..flow.reversed() }.snat_key(SNAT_INGRESS)
 }
 
 /// If the LRU evicted the reply half of a live mapping, puts it back.
@@ -301,7 +239,7 @@ fn snat_ingress(ctx: &TcContext) -> Result<(), Stat> {
         note_inbound_udp(&flow, &node);
         return Ok(());
     }
-    let Some(entry) = SNAT.get_ptr_mut(&flow.key(SNAT_INGRESS)) else { return Ok(()) };
+    let Some(entry) = SNAT.get_ptr_mut(&flow.snat_key(SNAT_INGRESS)) else { return Ok(()) };
     // SAFETY: as in snat_egress.
     let entry = unsafe { &mut *entry };
     // SAFETY: helper without arguments.
@@ -309,7 +247,7 @@ fn snat_ingress(ctx: &TcContext) -> Result<(), Stat> {
     if now.wrapping_sub(entry.last_seen_ns) > REFRESH_NS {
         entry.last_seen_ns = now;
         // The forward half, as the pod's next packet will look it up.
-        let forward_key = Flow { src: entry.to_ip, src_port: entry.to_port, ..flow.reversed() }.key(SNAT_EGRESS);
+        let forward_key = Flow { src: entry.to_ip, src_port: entry.to_port, ..flow.reversed() }.snat_key(SNAT_EGRESS);
         if SNAT.get_ptr(&forward_key).is_none() {
             let forward = SnatEntry { to_ip: flow.dst, to_port: flow.dst_port, flags: 0, last_seen_ns: now };
             if SNAT.insert(&forward_key, &forward, BPF_NOEXIST as u64).is_ok() {
@@ -331,7 +269,7 @@ fn note_inbound_udp(flow: &Flow, node: &NodeConfig) {
     if flow.proto != IPPROTO_UDP || in_network(flow.src, node) || !in_network(flow.dst, node) {
         return;
     }
-    let reply = flow.reversed().key(SNAT_EGRESS);
+    let reply = flow.reversed().snat_key(SNAT_EGRESS);
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     match SNAT.get_ptr_mut(&reply) {

@@ -53,6 +53,8 @@ pub struct Stats {
     pub malformed_skipped: u64,
     /// Times our own lease had to be re-acquired.
     pub reacquired: u64,
+    /// Keep-alives that refreshed our etcd lease.
+    pub renewals: u64,
 }
 
 /// Called when our subnet changes after a repair, to rewrite subnet.env.
@@ -425,7 +427,10 @@ impl<D: Datapath> ControlPlane<D> {
             return self.schedule_renewal().await;
         }
         match self.registry.keep_alive_once(id).await {
-            Ok(Some(ttl)) => tracing::info!(key = self.own.key, ttl, "lease renewed"),
+            Ok(Some(ttl)) => {
+                self.stats.renewals += 1;
+                tracing::info!(key = self.own.key, ttl, "lease renewed");
+            }
             Ok(None) => self.reacquire("our etcd lease expired").await,
             Err(error) => {
                 tracing::warn!("renewing our lease failed; retrying in {RENEW_RETRY:?}: {error:#}");

@@ -37,6 +37,8 @@ pub struct VxlanLink {
     pub mtu: Option<u32>,
     pub mac: Option<Mac>,
     pub up: bool,
+    /// Collect-metadata ("external") mode: the eBPF datapath's tunnel device.
+    pub external: bool,
 }
 
 pub async fn link_index(handle: &Handle, name: &str) -> Result<Option<u32>> {
@@ -48,6 +50,20 @@ async fn link_message(handle: &Handle, name: &str) -> Result<Option<LinkMessage>
         Ok(link) => Ok(link),
         Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(None),
         Err(error) => Err(error).with_context(|| format!("looking up link {name}")),
+    }
+}
+
+/// The name of link `index`, or None when it does not exist.
+pub async fn link_name(handle: &Handle, index: u32) -> Result<Option<String>> {
+    match handle.link().get().match_index(index).execute().try_next().await {
+        Ok(link) => Ok(link.and_then(|l| {
+            l.attributes.into_iter().find_map(|a| match a {
+                LinkAttribute::IfName(name) => Some(name),
+                _ => None,
+            })
+        })),
+        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(None),
+        Err(error) => Err(error).with_context(|| format!("looking up link {index}")),
     }
 }
 
@@ -120,6 +136,7 @@ pub async fn vxlan_link(handle: &Handle, name: &str) -> Result<Option<VxlanLink>
         mtu: None,
         mac: None,
         up: link.header.flags.contains(LinkFlags::Up),
+        external: false,
     };
     let mut is_vxlan = false;
     for attribute in &link.attributes {
@@ -138,6 +155,7 @@ pub async fn vxlan_link(handle: &Handle, name: &str) -> Result<Option<VxlanLink>
                                     InfoVxlan::Port(p) => v.port = Some(*p),
                                     InfoVxlan::Learning(l) => v.learning = Some(*l),
                                     InfoVxlan::Link(i) => v.underlay = Some(*i),
+                                    InfoVxlan::CollectMetadata(on) => v.external = *on,
                                     _ => {}
                                 }
                             }
@@ -175,6 +193,27 @@ pub async fn create_vxlan(handle: &Handle, spec: &VxlanSpec<'_>) -> Result<()> {
         .up()
         .build();
     handle.link().add(message).execute().await.with_context(|| format!("creating vxlan device {}", spec.name))
+}
+
+/// `ip link add <name> type vxlan external dstport <port> nolearning` with the given MTU and
+/// MAC, ARP off, left down (only one vxlan device per port can be up; the caller brings it
+/// up once the port is free). VNI 0: a collect-metadata device receives every VNI under 0.
+pub async fn create_metadata_vxlan(handle: &Handle, name: &str, port: u16, mtu: u32, mac: Mac) -> Result<()> {
+    let message = LinkVxlan::new(name, 0)
+        .collect_metadata(true)
+        .port(port)
+        .learning(false)
+        .mtu(mtu)
+        .address(mac.0.to_vec())
+        .arp(false)
+        .build();
+    handle.link().add(message).execute().await.with_context(|| format!("creating metadata vxlan device {name}"))
+}
+
+/// Renames link `index` (it must be down).
+pub async fn rename_link(handle: &Handle, index: u32, name: &str) -> Result<()> {
+    let message = LinkUnspec::new_with_index(index).name(name.to_string()).build();
+    handle.link().set(message).execute().await.with_context(|| format!("renaming link {index} to {name}"))
 }
 
 /// Sets MTU and MAC and brings the link up.
@@ -358,6 +397,40 @@ pub fn neighbour_mac(message: &NeighbourMessage) -> Option<Mac> {
         NeighbourAttribute::LinkLayerAddress(m) if m.len() == 6 => Some(Mac([m[0], m[1], m[2], m[3], m[4], m[5]])),
         _ => None,
     })
+}
+
+/// The indexes of the links enslaved to bridge `bridge` (its ports).
+pub async fn bridge_ports(handle: &Handle, bridge: u32) -> Result<Vec<u32>> {
+    let links: Vec<LinkMessage> = handle.link().get().execute().try_collect().await.context("listing links")?;
+    Ok(links
+        .iter()
+        .filter(|l| l.attributes.iter().any(|a| matches!(a, LinkAttribute::Controller(m) if *m == bridge)))
+        .map(|l| l.header.index)
+        .collect())
+}
+
+/// MAC → port for the addresses bridge `bridge` learned (its forwarding database without the
+/// ports' own permanent entries).
+pub async fn bridge_learned_macs(handle: &Handle, bridge: u32) -> Result<Vec<(Mac, u32)>> {
+    let all: Vec<NeighbourMessage> = handle
+        .neighbours()
+        .get()
+        .set_address_family(AddressFamily::Bridge)
+        .execute()
+        .try_collect()
+        .await
+        .context("listing the bridge forwarding database")?;
+    Ok(all
+        .iter()
+        .filter(|n| n.header.state != NeighbourState::Permanent)
+        .filter(|n| n.attributes.iter().any(|a| matches!(a, NeighbourAttribute::Controller(m) if *m == bridge)))
+        .filter_map(|n| Some((neighbour_mac(n)?, n.header.ifindex)))
+        .collect())
+}
+
+/// True for a neighbour entry whose MAC can be trusted (resolved at some point).
+pub fn neighbour_resolved(message: &NeighbourMessage) -> bool {
+    !matches!(message.header.state, NeighbourState::Incomplete | NeighbourState::Failed | NeighbourState::None)
 }
 
 pub async fn delete_neighbour(handle: &Handle, message: NeighbourMessage) -> Result<()> {

@@ -4,6 +4,7 @@
 //! (flannel-classic) datapath ([`netlink`]: vxlan device, FDB, neighbours, routes).
 
 pub mod ebpf;
+pub mod forwarding;
 pub mod kernel;
 pub mod netlink;
 

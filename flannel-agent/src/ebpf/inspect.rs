@@ -12,11 +12,13 @@ use anyhow::{Context, Result};
 use aya::maps::{lpm_trie::LpmTrie, Array, HashMap, Map, MapData, PerCpuArray};
 use flannel_common::{
     snat::{IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, SNAT_EGRESS, SNAT_FLAG_CLOSING},
-    LeaseEntry, LeaseKind, NodeConfig, SnatEntry, SnatKey, Stat, LEASES_MAP, NODE_MAP, PEERS_MAP, SNAT_MAP, STATS_MAP,
+    EndpointEntry, FlowKey, LeaseEntry, LeaseKind, NodeConfig, SnatEntry, SnatKey, Stat, ENDPOINTS_MAP, LEASES_MAP,
+    NODE_MAP, PEERS_MAP, SNAT_MAP, STACK_FLOWS_MAP, STATS_MAP,
 };
 use serde::Serialize;
 
-use crate::{datapath::ebpf::table::subnet_of, subnet::lease::Mac};
+use super::decode::{monotonic_ns, subnet_of};
+use crate::subnet::lease::Mac;
 
 #[derive(Debug, Serialize)]
 pub struct Snapshot {
@@ -24,6 +26,10 @@ pub struct Snapshot {
     pub node: Option<NodeRow>,
     pub leases: Vec<LeaseRow>,
     pub peers: Vec<Ipv4Addr>,
+    /// Local pods the bypass delivers into.
+    pub endpoints: Vec<EndpointRow>,
+    /// Flows the stack carried whose replies the bypass hands back to it.
+    pub stack_flows: usize,
     pub counters: BTreeMap<&'static str, u64>,
     /// Masquerade translations, one row per connection (the egress half).
     pub masquerade: Vec<SnatRow>,
@@ -36,9 +42,18 @@ pub struct NodeRow {
     pub public_ip: Ipv4Addr,
     pub vtep_mac: String,
     pub vni: u32,
-    pub vxlan_port: u16,
+    pub tunnel_ifindex: u32,
     pub external_ifindex: u32,
-    pub external_mac: String,
+    pub bridge_ifindex: u32,
+    pub bridge_mac: String,
+    pub netfilter_bypass: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct EndpointRow {
+    pub ip: Ipv4Addr,
+    pub ifindex: u32,
+    pub mac: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -90,10 +105,22 @@ pub fn snapshot(pin_root: &Path) -> Result<Snapshot> {
         public_ip: Ipv4Addr::from(n.public_ip),
         vtep_mac: Mac(n.vtep_mac).to_string(),
         vni: n.vni,
-        vxlan_port: n.vxlan_port,
+        tunnel_ifindex: n.tunnel_ifindex,
         external_ifindex: n.ext_ifindex,
-        external_mac: Mac(n.ext_mac).to_string(),
+        bridge_ifindex: n.bridge_ifindex,
+        bridge_mac: Mac(n.bridge_mac).to_string(),
+        netfilter_bypass: n.bypass != 0,
     });
+
+    let endpoints: HashMap<_, [u8; 4], EndpointEntry> = HashMap::try_from(open(&maps, ENDPOINTS_MAP)?)?;
+    let mut endpoint_rows = Vec::new();
+    for item in endpoints.iter() {
+        let (ip, e) = item.with_context(|| format!("iterating {ENDPOINTS_MAP}"))?;
+        endpoint_rows.push(EndpointRow { ip: Ipv4Addr::from(ip), ifindex: e.ifindex, mac: Mac(e.mac).to_string() });
+    }
+    endpoint_rows.sort_by_key(|r| r.ip);
+    let stack_flows: HashMap<_, FlowKey, u64> = HashMap::try_from(open(&maps, STACK_FLOWS_MAP)?)?;
+    let stack_flows = stack_flows.keys().count();
 
     let peers: HashMap<_, [u8; 4], u32> = HashMap::try_from(open(&maps, PEERS_MAP)?)?;
     let mut peer_rows = peers.keys().map(|k| k.map(Ipv4Addr::from)).collect::<Result<Vec<_>, _>>()?;
@@ -107,7 +134,7 @@ pub fn snapshot(pin_root: &Path) -> Result<Snapshot> {
     }
 
     let snat: HashMap<_, SnatKey, SnatEntry> = HashMap::try_from(open(&maps, SNAT_MAP)?)?;
-    let now = crate::datapath::ebpf::snat::monotonic_ns();
+    let now = monotonic_ns();
     let mut masquerade = Vec::new();
     for item in snat.iter() {
         let (key, entry) = item.with_context(|| format!("iterating {SNAT_MAP}"))?;
@@ -140,6 +167,8 @@ pub fn snapshot(pin_root: &Path) -> Result<Snapshot> {
         node,
         leases: lease_rows,
         peers: peer_rows,
+        endpoints: endpoint_rows,
+        stack_flows,
         counters,
         masquerade,
         links: pinned_links(pin_root),
@@ -148,11 +177,10 @@ pub fn snapshot(pin_root: &Path) -> Result<Snapshot> {
 
 fn pinned_links(pin_root: &Path) -> Vec<String> {
     let mut out = Vec::new();
-    let Ok(interfaces) = std::fs::read_dir(pin_root.join("links")) else { return out };
-    for interface in interfaces.flatten() {
-        let Ok(programs) = std::fs::read_dir(interface.path()) else { continue };
+    for interface in super::links::pinned_interfaces(pin_root) {
+        let Ok(programs) = std::fs::read_dir(super::links::links_dir(pin_root, &interface)) else { continue };
         for program in programs.flatten() {
-            out.push(format!("{}/{}", interface.file_name().to_string_lossy(), program.file_name().to_string_lossy()));
+            out.push(format!("{interface}/{}", program.file_name().to_string_lossy()));
         }
     }
     out.sort();
@@ -167,8 +195,16 @@ pub fn render(s: &Snapshot) -> String {
         Some(n) => {
             let _ = writeln!(
                 out,
-                "\nNode: public IP {}  VtepMAC {}  VNI {}  port {}  external ifindex {} ({})",
-                n.public_ip, n.vtep_mac, n.vni, n.vxlan_port, n.external_ifindex, n.external_mac
+                "\nNode: public IP {}  VtepMAC {}  VNI {}  tunnel ifindex {}  external ifindex {}  pod bridge \
+                 ifindex {} ({})  netfilter bypass {}",
+                n.public_ip,
+                n.vtep_mac,
+                n.vni,
+                n.tunnel_ifindex,
+                n.external_ifindex,
+                n.bridge_ifindex,
+                n.bridge_mac,
+                if n.netfilter_bypass { "on" } else { "off" }
             );
         }
         None => {
@@ -182,6 +218,11 @@ pub fn render(s: &Snapshot) -> String {
     }
     let peers: Vec<String> = s.peers.iter().map(ToString::to_string).collect();
     let _ = writeln!(out, "\nAccepted VXLAN sources ({}): {}", s.peers.len(), peers.join(" "));
+    let _ = writeln!(out, "\nLocal pods (bypass endpoints, {}):", s.endpoints.len());
+    for e in &s.endpoints {
+        let _ = writeln!(out, "  {:<16} veth ifindex {:<6} {}", e.ip, e.ifindex, e.mac);
+    }
+    let _ = writeln!(out, "\nFlows the stack carried (replies go back to it): {}", s.stack_flows);
     let _ = writeln!(out, "\nCounters (all CPUs):");
     for (name, value) in &s.counters {
         let _ = writeln!(out, "  {name:<28} {value:>14}");

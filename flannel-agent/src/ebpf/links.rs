@@ -14,8 +14,7 @@ use aya::{
     programs::{
         links::{FdLink, LinkError, PinnedLink},
         tc::SchedClassifierLink,
-        xdp::XdpLink,
-        SchedClassifier, TcAttachType, Xdp, XdpMode,
+        SchedClassifier, TcAttachType,
     },
     Ebpf,
 };
@@ -23,13 +22,25 @@ use aya::{
 /// Where on an interface a program runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Hook {
-    Xdp,
     TcIngress,
     TcEgress,
 }
 
+/// `<pin root>/links/<interface>`. bpffs refuses names with a dot (`flannel.1`), and no
+/// interface name contains a colon, so dots are pinned as colons.
 pub fn links_dir(pin_root: &Path, interface: &str) -> PathBuf {
-    pin_root.join("links").join(interface)
+    pin_root.join("links").join(interface.replace('.', ":"))
+}
+
+/// The interface a directory under `<pin root>/links` stands for.
+pub fn interface_of(dir_name: &str) -> String {
+    dir_name.replace(':', ".")
+}
+
+/// The interfaces that have link pins under `pin_root`.
+pub fn pinned_interfaces(pin_root: &Path) -> Vec<String> {
+    let Ok(dirs) = std::fs::read_dir(pin_root.join("links")) else { return Vec::new() };
+    dirs.flatten().map(|d| interface_of(&d.file_name().to_string_lossy())).collect()
 }
 
 pub fn link_pin(pin_root: &Path, interface: &str, program: &str) -> PathBuf {
@@ -43,12 +54,7 @@ pub fn attach(ebpf: &mut Ebpf, program: &str, interface: &str, hook: Hook, pin_r
     let dir = links_dir(pin_root, interface);
     super::bpffs::ensure_pin_dir(&dir)?;
     let pin = dir.join(program);
-    match hook {
-        Hook::Xdp => attach_pinned(loaded::<Xdp>(ebpf, program)?, interface, &pin, hook),
-        Hook::TcIngress | Hook::TcEgress => {
-            attach_pinned(loaded::<SchedClassifier>(ebpf, program)?, interface, &pin, hook)
-        }
-    }
+    attach_pinned(loaded::<SchedClassifier>(ebpf, program)?, interface, &pin, hook)
 }
 
 /// Removes the link pin of `program` on `interface` (which detaches it) and the interface's
@@ -89,28 +95,6 @@ pub trait LinkAttach {
     fn replace_in(&mut self, link: Self::Link) -> Result<()>;
 }
 
-impl LinkAttach for Xdp {
-    type Link = XdpLink;
-    fn is_loaded(&self) -> bool {
-        self.fd().is_ok()
-    }
-    fn load_program(&mut self) -> Result<()> {
-        Ok(self.load()?)
-    }
-    fn attach_new(&mut self, interface: &str, _hook: Hook) -> Result<FdLink> {
-        let id = self.attach(interface, XdpMode::default()).with_context(|| format!("attaching XDP to {interface}"))?;
-        let link = self.take_link(id)?;
-        FdLink::try_from(link)
-            .with_context(|| format!("XDP on {interface} was attached without a bpf_link (kernel too old?)"))
-    }
-    fn replace_in(&mut self, link: XdpLink) -> Result<()> {
-        let id = self.attach_to_link(link)?;
-        // The pin keeps the link alive; our handle can go.
-        drop(self.take_link(id)?);
-        Ok(())
-    }
-}
-
 impl LinkAttach for SchedClassifier {
     type Link = SchedClassifierLink;
     fn is_loaded(&self) -> bool {
@@ -122,7 +106,7 @@ impl LinkAttach for SchedClassifier {
     fn attach_new(&mut self, interface: &str, hook: Hook) -> Result<FdLink> {
         let (attach_type, what) = match hook {
             Hook::TcIngress => (TcAttachType::Ingress, "ingress"),
-            _ => (TcAttachType::Egress, "egress"),
+            Hook::TcEgress => (TcAttachType::Egress, "egress"),
         };
         // On kernels >= 6.6 aya attaches through TCX, which gives a pinnable bpf_link.
         let id = self.attach(interface, attach_type).with_context(|| format!("attaching TC {what} to {interface}"))?;
@@ -149,7 +133,8 @@ fn attach_pinned<P: LinkAttach>(program: &mut P, interface: &str, pin: &Path, ho
                     return Ok(());
                 }
                 Err(error) => {
-                    // Typically ENOLINK: the interface was deleted (or recreated) since.
+                    // Typically ENOLINK: the interface was deleted (or recreated) since; or a
+                    // link of another kind (an earlier version's XDP link) under this name.
                     tracing::warn!(interface, pin = %pin.display(), error = format!("{error:#}"), "pinned link is unusable; attaching anew");
                     std::fs::remove_file(pin).with_context(|| format!("removing stale link pin {}", pin.display()))?;
                 }

@@ -10,11 +10,12 @@ pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DI
 
 /// Every map of the object, by its (versioned) name.
 pub const MAP_NAMES: &[&str] = &[
-    flannel_common::COUNTERS_MAP,
+    flannel_common::ENDPOINTS_MAP,
     flannel_common::LEASES_MAP,
     flannel_common::NODE_MAP,
     flannel_common::PEERS_MAP,
     flannel_common::SNAT_MAP,
+    flannel_common::STACK_FLOWS_MAP,
     flannel_common::STATS_MAP,
 ];
 

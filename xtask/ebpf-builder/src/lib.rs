@@ -26,8 +26,11 @@ pub use prerequisites::{Prerequisites, Provision};
 /// The eBPF target; its `core` comes from Debian's `libstd-rust-web-dev-bpf`.
 pub const TARGET: &str = "bpfel-unknown-none";
 
-/// ELF sections the object must contain for the agent to work.
-pub const REQUIRED_SECTIONS: &[&str] = &[".BTF", ".BTF.ext", ".maps", "xdp", "classifier"];
+/// ELF sections the object must contain for the agent to work: the TC classifier programs
+/// (the datapath has no XDP program), the BTF-defined maps, and the BTF the kernel and
+/// `bpftool map dump` need for field names. bpf-linker drops `.BTF`/`.BTF.ext` silently when
+/// `--btf` does not reach it, so their absence is the usual sign of a broken recipe.
+pub const REQUIRED_SECTIONS: &[&str] = &[".BTF", ".BTF.ext", ".maps", "classifier"];
 
 pub struct BuildOptions {
     /// Root of the flannel workspace (holds `flannel-ebpf/`).

@@ -22,8 +22,8 @@ use ipnet::Ipv4Net;
 
 use crate::{
     config::Backend,
-    datapath::{LeaseEvent, LocalNode},
-    subnet::Lease,
+    datapath::{forwarding::Forwarding, LocalNode},
+    ebpf::decode::subnet_of,
 };
 
 pub struct LeaseTable {
@@ -34,9 +34,6 @@ pub struct LeaseTable {
     /// Entries as written, to know what an event replaces without reading the map back.
     written: BTreeMap<Ipv4Net, LeaseEntry>,
     local: Option<LocalNode>,
-    /// Networks directly connected to the external interface: host-gw (and vxlan
-    /// DirectRouting) peers must be in one of them.
-    on_link: Vec<Ipv4Net>,
 }
 
 impl LeaseTable {
@@ -47,14 +44,7 @@ impl LeaseTable {
         let leases = LpmTrie::try_from(leases).with_context(|| format!("{LEASES_MAP} is not an LPM trie"))?;
         let peers = ebpf.take_map(PEERS_MAP).with_context(|| format!("map {PEERS_MAP} is not in the eBPF object"))?;
         let peers = HashMap::try_from(peers).with_context(|| format!("{PEERS_MAP} is not a hash map"))?;
-        Ok(LeaseTable {
-            leases,
-            peers,
-            peer_refs: StdHashMap::new(),
-            written: BTreeMap::new(),
-            local: None,
-            on_link: Vec::new(),
-        })
+        Ok(LeaseTable { leases, peers, peer_refs: StdHashMap::new(), written: BTreeMap::new(), local: None })
     }
 
     /// Every entry currently in the lease map.
@@ -72,11 +62,6 @@ impl LeaseTable {
         self.peers.keys().map(|k| k.map(Ipv4Addr::from).context("iterating the peers map")).collect()
     }
 
-    /// The networks on the external interface's segment (refreshed by the datapath).
-    pub fn set_on_link(&mut self, networks: Vec<Ipv4Net>) {
-        self.on_link = networks;
-    }
-
     pub fn set_local(&mut self, local: &LocalNode) -> Result<()> {
         if let Some(old) = self.local.take().filter(|old| old.subnet != local.subnet) {
             self.remove(old.subnet)?;
@@ -91,10 +76,11 @@ impl LeaseTable {
         Ok(())
     }
 
-    /// Makes both maps hold exactly `leases` (plus our own subnet).
-    pub fn reconcile(&mut self, leases: &[Lease]) -> Result<()> {
+    /// Makes both maps hold exactly `forwarding` (other nodes' subnets as
+    /// [`super::super::forwarding::decide`] decided them) plus our own subnet.
+    pub fn reconcile(&mut self, forwarding: &BTreeMap<Ipv4Net, Forwarding>) -> Result<()> {
         let mut desired: BTreeMap<Ipv4Net, LeaseEntry> =
-            leases.iter().filter_map(|l| self.entry_for(l).map(|e| (l.subnet, e))).collect();
+            forwarding.iter().map(|(subnet, f)| (*subnet, self.entry_of(f))).collect();
         if let Some(local) = &self.local {
             let existing = self.leases.get(&key_of(local.subnet), 0).ok();
             desired.extend(existing.map(|e| (local.subnet, e)));
@@ -146,13 +132,14 @@ impl LeaseTable {
         Ok(())
     }
 
-    pub fn apply(&mut self, event: &LeaseEvent) -> Result<()> {
-        match event {
-            LeaseEvent::Added(lease) | LeaseEvent::Replaced { new: lease, .. } => match self.entry_for(lease) {
-                Some(entry) => self.upsert(lease.subnet, entry),
-                None => self.remove(lease.subnet),
-            },
-            LeaseEvent::Removed(lease) => self.remove(lease.subnet),
+    /// Sets `subnet`'s entry from the decision, or removes it (None).
+    pub fn set(&mut self, subnet: Ipv4Net, forwarding: Option<Forwarding>) -> Result<()> {
+        match forwarding {
+            Some(f) => {
+                let entry = self.entry_of(&f);
+                self.upsert(subnet, entry)
+            }
+            None => self.remove(subnet),
         }
     }
 
@@ -217,45 +204,15 @@ impl LeaseTable {
         }
     }
 
-    /// PublicIPs of remote nodes reached on our L2 segment (their neighbour entries are what
-    /// `bpf_redirect_neigh` uses).
-    pub fn on_link_peers(&self) -> BTreeSet<Ipv4Addr> {
-        self.written
-            .values()
-            .filter(|e| e.kind == LeaseKind::Vxlan as u8 || e.kind == LeaseKind::HostGw as u8)
-            .map(|e| Ipv4Addr::from(e.public_ip))
-            .filter(|ip| self.is_on_link(*ip))
-            .collect()
-    }
-
-    pub fn is_on_link(&self, ip: Ipv4Addr) -> bool {
-        self.on_link.iter().any(|n| n.contains(&ip))
-    }
-
-    /// The entry for another node's lease, or None when this node cannot reach it.
-    fn entry_for(&self, lease: &Lease) -> Option<LeaseEntry> {
-        let public_ip = lease.attrs.public_ip;
-        let direct_routing =
-            matches!(self.local.as_ref().map(|l| &l.backend), Some(Backend::Vxlan(v)) if v.direct_routing);
-        match (lease.attrs.backend_type.as_str(), lease.attrs.vxlan()) {
-            ("vxlan", Some(_)) if direct_routing && self.is_on_link(public_ip) => {
-                Some(entry(public_ip, LeaseKind::HostGw, [0; 6], 0))
-            }
-            ("vxlan", Some(vxlan)) => Some(entry(public_ip, LeaseKind::Vxlan, vxlan.vtep_mac.0, vxlan.vni)),
-            ("host-gw", _) if self.is_on_link(public_ip) => Some(entry(public_ip, LeaseKind::HostGw, [0; 6], 0)),
-            ("host-gw", _) => {
-                tracing::warn!(
-                    subnet = %lease.subnet,
-                    %public_ip,
-                    "host-gw needs every node on the local L2 segment: this peer is reached through a gateway; not \
-                     forwarding to it"
-                );
-                None
-            }
-            (other, _) => {
-                tracing::warn!(subnet = %lease.subnet, backend = other, "lease of a backend this datapath cannot reach; skipped");
-                None
-            }
+    /// The map entry for a decision. The VNI is ours: flannel.1 sends with its own.
+    fn entry_of(&self, forwarding: &Forwarding) -> LeaseEntry {
+        let vni = match self.local.as_ref().map(|l| &l.backend) {
+            Some(Backend::Vxlan(v)) => v.vni,
+            _ => 0,
+        };
+        match *forwarding {
+            Forwarding::Vxlan { vtep_mac, public_ip } => entry(public_ip, LeaseKind::Vxlan, vtep_mac.0, vni),
+            Forwarding::Direct { public_ip } => entry(public_ip, LeaseKind::HostGw, [0; 6], 0),
         }
     }
 }
@@ -266,9 +223,4 @@ fn entry(public_ip: Ipv4Addr, kind: LeaseKind, vtep_mac: [u8; 6], vni: u32) -> L
 
 fn key_of(subnet: Ipv4Net) -> Key<[u8; 4]> {
     Key::new(u32::from(subnet.prefix_len()), subnet.network().octets())
-}
-
-pub fn subnet_of(key: &Key<[u8; 4]>) -> Result<Ipv4Net> {
-    Ipv4Net::new(Ipv4Addr::from(key.data()), key.prefix_len() as u8)
-        .with_context(|| format!("lease map key with prefix length {}", key.prefix_len()))
 }

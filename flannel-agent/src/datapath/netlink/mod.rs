@@ -17,11 +17,12 @@ use std::{
     net::Ipv4Addr,
 };
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use ipnet::Ipv4Net;
 use rtnetlink::Handle;
 
 use super::{
+    forwarding::{decide, needs_routes, Forwarding},
     kernel::{self, Route, VxlanSpec, ROUTE_PROTOCOL},
     pod_mtu, Datapath, LeaseEvent, LocalNode,
 };
@@ -33,21 +34,12 @@ use crate::{
 /// The kernel's default VXLAN port, which flannel uses when the config says 0.
 pub const DEFAULT_VXLAN_PORT: u16 = 8472;
 
-/// What was installed for one remote subnet, so that exactly that can be removed.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-enum Installed {
-    /// Route via the vxlan device plus neighbour and FDB entries.
-    Vxlan { vtep_mac: Mac, public_ip: Ipv4Addr },
-    /// A direct route via the peer's PublicIP on the external interface.
-    Direct { public_ip: Ipv4Addr },
-}
-
 pub struct NetlinkDatapath {
     handle: Handle,
     local: Option<LocalNode>,
     /// The vxlan device's index once set up.
     vxlan_index: Option<u32>,
-    installed: BTreeMap<Ipv4Net, Installed>,
+    installed: BTreeMap<Ipv4Net, Forwarding>,
 }
 
 impl NetlinkDatapath {
@@ -82,7 +74,8 @@ impl NetlinkDatapath {
         let existing = kernel::vxlan_link(&self.handle, &name).await?;
         let index = match existing {
             Some(link)
-                if link.vni == Some(spec.vni)
+                if !link.external
+                    && link.vni == Some(spec.vni)
                     && link.local == Some(spec.local)
                     && link.port == Some(spec.port)
                     && link.learning != Some(true)
@@ -113,63 +106,21 @@ impl NetlinkDatapath {
         Ok(index)
     }
 
-    /// host-gw and vxlan DirectRouting decide per peer whether it is on our L2 segment.
-    fn needs_on_link_checks(&self) -> bool {
-        match self.local.as_ref().map(|l| &l.backend) {
-            Some(Backend::HostGw) => true,
-            Some(Backend::Vxlan(vxlan)) => vxlan.direct_routing,
-            _ => false,
-        }
-    }
-
-    /// Decides how to reach `lease` from here.
-    fn plan(&self, lease: &Lease, routes: &[Route]) -> Result<Option<Installed>> {
-        let local = self.local()?;
-        let public_ip = lease.attrs.public_ip;
-        match &local.backend {
-            Backend::Vxlan(vxlan) => {
-                if vxlan.direct_routing && kernel::on_link(routes, public_ip) {
-                    return Ok(Some(Installed::Direct { public_ip }));
-                }
-                match lease.attrs.vxlan() {
-                    Some(data) => Ok(Some(Installed::Vxlan { vtep_mac: data.vtep_mac, public_ip })),
-                    None => {
-                        tracing::warn!(subnet = %lease.subnet, backend = lease.attrs.backend_type, "lease has no vxlan data; skipped");
-                        Ok(None)
-                    }
-                }
-            }
-            Backend::HostGw => {
-                if !kernel::on_link(routes, public_ip) {
-                    tracing::error!(
-                        subnet = %lease.subnet,
-                        %public_ip,
-                        interface = local.external.name,
-                        "host-gw needs every node on the local L2 segment: this peer is reached through a gateway; not routing to it"
-                    );
-                    return Ok(None);
-                }
-                Ok(Some(Installed::Direct { public_ip }))
-            }
-            other => bail!("the netlink datapath does not implement backend {}", other.type_name()),
-        }
-    }
-
-    async fn install(&mut self, subnet: Ipv4Net, what: &Installed) -> Result<()> {
+    async fn install(&mut self, subnet: Ipv4Net, what: &Forwarding) -> Result<()> {
         let local = self.local()?.clone();
         match what {
-            Installed::Vxlan { vtep_mac, public_ip } => {
+            Forwarding::Vxlan { vtep_mac, public_ip } => {
                 let index = self.vxlan_index.context("vxlan device not set up")?;
                 let gateway = subnet.network();
                 kernel::replace_neighbour(&self.handle, index, gateway, *vtep_mac).await?;
                 kernel::replace_fdb(&self.handle, index, *vtep_mac, *public_ip).await?;
                 kernel::replace_route(&self.handle, subnet, gateway, index, true).await?;
             }
-            Installed::Direct { public_ip } => {
+            Forwarding::Direct { public_ip } => {
                 kernel::replace_route(&self.handle, subnet, *public_ip, local.external.index, false).await?;
             }
         }
-        self.installed.insert(subnet, what.clone());
+        self.installed.insert(subnet, *what);
         Ok(())
     }
 
@@ -177,13 +128,13 @@ impl NetlinkDatapath {
         let Some(what) = self.installed.remove(&subnet) else { return Ok(()) };
         let local = self.local()?.clone();
         match what {
-            Installed::Vxlan { vtep_mac, .. } => {
+            Forwarding::Vxlan { vtep_mac, .. } => {
                 let index = self.vxlan_index.context("vxlan device not set up")?;
                 kernel::delete_route(&self.handle, subnet, index, ROUTE_PROTOCOL).await?;
                 self.delete_vxlan_neighbours(index, |ip, mac| ip == Some(subnet.network()) || mac == Some(vtep_mac))
                     .await?;
             }
-            Installed::Direct { .. } => {
+            Forwarding::Direct { .. } => {
                 kernel::delete_route(&self.handle, subnet, local.external.index, ROUTE_PROTOCOL).await?
             }
         }
@@ -193,7 +144,7 @@ impl NetlinkDatapath {
     /// The (subnet, entry) pairs the kernel holds completely: for vxlan the onlink route via
     /// `<subnet>.0` on our device plus the neighbour and the FDB entry; for a direct route the
     /// route via the PublicIP on the external interface.
-    async fn present_entries(&self, routes: &[Route]) -> Result<HashSet<(Ipv4Net, Installed)>> {
+    async fn present_entries(&self, routes: &[Route]) -> Result<HashSet<(Ipv4Net, Forwarding)>> {
         let local = self.local()?;
         // Indexed, because this runs on every resync over every lease.
         let mut neighbours: HashMap<Ipv4Addr, Mac> = HashMap::new();
@@ -212,11 +163,11 @@ impl NetlinkDatapath {
         for route in routes.iter().filter(|r| r.protocol == ROUTE_PROTOCOL) {
             let Some(gateway) = route.gateway else { continue };
             if route.oif == Some(local.external.index) {
-                present.insert((route.dst, Installed::Direct { public_ip: gateway }));
+                present.insert((route.dst, Forwarding::Direct { public_ip: gateway }));
             } else if route.oif.is_some() && route.oif == self.vxlan_index && gateway == route.dst.network() {
                 if let Some(mac) = neighbours.get(&gateway) {
                     for dst in fdb.get(mac).into_iter().flatten() {
-                        present.insert((route.dst, Installed::Vxlan { vtep_mac: *mac, public_ip: *dst }));
+                        present.insert((route.dst, Forwarding::Vxlan { vtep_mac: *mac, public_ip: *dst }));
                     }
                 }
             }
@@ -272,7 +223,7 @@ impl Datapath for NetlinkDatapath {
         let routes = kernel::routes(&self.handle).await?;
         let mut desired = BTreeMap::new();
         for lease in leases {
-            if let Some(what) = self.plan(lease, &routes)? {
+            if let Some(what) = decide(&local, lease, &routes) {
                 desired.insert(lease.subnet, what);
             }
         }
@@ -298,8 +249,8 @@ impl Datapath for NetlinkDatapath {
             let macs: Vec<Mac> = desired
                 .values()
                 .filter_map(|w| match w {
-                    Installed::Vxlan { vtep_mac, .. } => Some(*vtep_mac),
-                    Installed::Direct { .. } => None,
+                    Forwarding::Vxlan { vtep_mac, .. } => Some(*vtep_mac),
+                    Forwarding::Direct { .. } => None,
                 })
                 .collect();
             swept += self
@@ -314,11 +265,11 @@ impl Datapath for NetlinkDatapath {
         self.installed.clear();
         let mut written = 0;
         for (subnet, what) in &desired {
-            if !present.contains(&(*subnet, what.clone())) {
+            if !present.contains(&(*subnet, *what)) {
                 self.install(*subnet, what).await?;
                 written += 1;
             } else {
-                self.installed.insert(*subnet, what.clone());
+                self.installed.insert(*subnet, *what);
             }
         }
         if written > 0 || swept > 0 {
@@ -334,8 +285,9 @@ impl Datapath for NetlinkDatapath {
             LeaseEvent::Added(lease) | LeaseEvent::Replaced { new: lease, .. } => {
                 // The route table is only consulted for on-link checks; don't dump it per event
                 // when the backend needs none.
-                let routes = if self.needs_on_link_checks() { kernel::routes(&self.handle).await? } else { Vec::new() };
-                let planned = self.plan(lease, &routes)?;
+                let local = self.local()?;
+                let routes = if needs_routes(local) { kernel::routes(&self.handle).await? } else { Vec::new() };
+                let planned = decide(local, lease, &routes);
                 if self.installed.get(&lease.subnet) != planned.as_ref() {
                     self.uninstall(lease.subnet).await?;
                 }
