@@ -7,10 +7,12 @@
 //! neighbours) with 1,000 and 10,000 leases: start → READY=1, which the agent only reports
 //! once the datapath holds every lease.
 //!
-//! Arguments: `--leases N` (default 10000), `--quick` (1000 leases, fewer rounds), `--smoke`
-//! (100 leases: the harness end to end for `cargo xtask test`; numbers meaningless).
+//! Arguments (`flannel_tests::bench`): `--leases N` (default 10000), `--quick` (1000 leases,
+//! one round), `--smoke` (100 leases: the harness end to end for `cargo xtask test`; numbers
+//! meaningless), `--rounds N` (in-process rounds, default 3).
 
 use std::{
+    collections::BTreeMap,
     net::Ipv4Addr,
     sync::mpsc,
     time::{Duration, Instant},
@@ -22,7 +24,11 @@ use flannel_agent::{
     config,
     control::{ControlPlane, Settings},
     daemon::derived_vtep_mac,
-    datapath::{ebpf::table::LeaseTable, Datapath, LeaseEvent, LocalNode},
+    datapath::{
+        ebpf::table::LeaseTable,
+        forwarding::{self, needs_routes, Forwarding},
+        Datapath, LeaseEvent, LocalNode,
+    },
     ebpf::object,
     etcd::{EtcdOptions, Registry},
     iface::ExternalInterface,
@@ -30,6 +36,7 @@ use flannel_agent::{
 };
 use flannel_tests::{
     agent_node::{peak_rss_kib, AgentNode, CONFIG_KEY},
+    bench::{machine, median, BenchArgs, Mode},
     etcd::EtcdServer,
     PrivateBpffs,
 };
@@ -46,32 +53,13 @@ struct Args {
     events: usize,
 }
 
-fn parse_args() -> Args {
-    let argv: Vec<String> = std::env::args().collect();
-    let smoke = argv.iter().any(|a| a == "--smoke");
-    let quick = smoke || argv.iter().any(|a| a == "--quick");
-    let leases =
-        argv.iter().position(|a| a == "--leases").and_then(|i| argv.get(i + 1)?.parse().ok()).unwrap_or(if smoke {
-            100
-        } else if quick {
-            1000
-        } else {
-            10_000
-        });
-    let explicit = argv.iter().any(|a| a == "--leases");
-    let agent_sizes = if explicit || quick { vec![leases] } else { vec![1000, 10_000] };
-    Args {
-        leases,
-        rounds: if quick { 1 } else { 3 },
-        events: if smoke {
-            10
-        } else if quick {
-            50
-        } else {
-            300
-        },
-        agent_sizes,
-    }
+fn parse_args(argv: &BenchArgs) -> Result<Args> {
+    let mode = argv.mode();
+    let explicit: Option<usize> = argv.value("--leases")?;
+    let leases = explicit.unwrap_or(mode.pick(10_000, 1000, 100));
+    // A full run measures the agent at both sizes; a short run or an explicit count, once.
+    let agent_sizes = if explicit.is_some() || mode != Mode::Full { vec![leases] } else { vec![1000, 10_000] };
+    Ok(Args { leases, agent_sizes, rounds: argv.rounds(3)?, events: mode.pick(300, 50, 10) })
 }
 
 /// The i-th synthetic peer: subnet 10.x.y.0/24 from 10.0.1.0 up, PublicIP in the
@@ -164,14 +152,26 @@ impl Datapath for CountingDatapath {
     }
 }
 
-/// The eBPF datapath's per-lease work alone: the pinned lease and peers maps.
-struct LeaseMaps(LeaseTable);
+/// The eBPF datapath's per-lease work alone: each lease through the forwarding decision
+/// into the pinned lease and peers maps, as `EbpfDatapath` does it.
+struct LeaseMaps {
+    table: LeaseTable,
+    local: Option<LocalNode>,
+}
 
 impl LeaseMaps {
     fn open(pin_root: &std::path::Path) -> Result<LeaseMaps> {
         let maps = pin_root.join("maps");
-        std::fs::create_dir_all(&maps)?;
-        Ok(LeaseMaps(LeaseTable::take(&mut object::load_pinned(&maps)?)?))
+        std::fs::create_dir_all(&maps).with_context(|| format!("creating {}", maps.display()))?;
+        Ok(LeaseMaps { table: LeaseTable::take(&mut object::load_pinned(&maps)?)?, local: None })
+    }
+
+    /// How to reach `lease`. The bench's network is vxlan without DirectRouting, whose
+    /// decision reads no routes (the datapath dumps them only when `needs_routes`).
+    fn decide(&self, lease: &Lease) -> Result<Option<Forwarding>> {
+        let local = self.local.as_ref().context("lease maps used before set_local")?;
+        anyhow::ensure!(!needs_routes(local), "the bench's backend must not need the route table");
+        Ok(forwarding::decide(local, lease, &[]))
     }
 }
 
@@ -183,13 +183,23 @@ impl Datapath for LeaseMaps {
         local.external.mtu
     }
     async fn set_local(&mut self, local: &LocalNode) -> Result<()> {
-        self.0.set_local(local)
+        self.table.set_local(local)?;
+        self.local = Some(local.clone());
+        Ok(())
     }
     async fn reconcile(&mut self, leases: &[Lease]) -> Result<()> {
-        self.0.reconcile(leases)
+        let mut desired = BTreeMap::new();
+        for lease in leases {
+            desired.extend(self.decide(lease)?.map(|f| (lease.subnet, f)));
+        }
+        self.table.reconcile(&desired)
     }
     async fn apply(&mut self, event: &LeaseEvent) -> Result<()> {
-        self.0.apply(event)
+        let wanted = match event {
+            LeaseEvent::Added(lease) | LeaseEvent::Replaced { new: lease, .. } => self.decide(lease)?,
+            LeaseEvent::Removed(_) => None,
+        };
+        self.table.set(event.subnet(), wanted)
     }
 }
 
@@ -216,11 +226,6 @@ fn agent_start(leases: usize, datapath: &'static str) -> Result<(Duration, Durat
     Ok((cold, warm, rss))
 }
 
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v[v.len() / 2]
-}
-
 fn percentile(v: &[Duration], p: f64) -> Duration {
     let mut v = v.to_vec();
     v.sort();
@@ -231,19 +236,10 @@ fn ms(d: Duration) -> String {
     format!("{:.1} ms", d.as_secs_f64() * 1e3)
 }
 
-fn machine() -> String {
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("model name").map(|m| m.trim_start_matches([' ', '\t', ':']).to_string()))
-        .unwrap_or_default();
-    format!("{} cores ({cpu}), Linux {}", std::thread::available_parallelism().map_or(0, |n| n.get()), kernel.trim())
-}
-
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
-    let args = parse_args();
+    let argv = BenchArgs::from_env();
+    let args = parse_args(&argv)?;
     flannel_tests::require_root()?;
     let n = args.leases;
     let mut rows: Vec<(String, String)> = Vec::new();
@@ -279,17 +275,17 @@ async fn main() -> Result<()> {
         let plane =
             ControlPlane::start(registry(&endpoint).await?, settings(ip), local_node(ip), None, datapath).await?;
         to_map.push(started.elapsed());
-        let entries = plane.datapath().0.entries()?.len();
+        let entries = plane.datapath().table.entries()?.len();
         let in_etcd = registry(&endpoint).await?.list_leases().await?.kvs.len();
         anyhow::ensure!(entries == in_etcd, "lease map holds {entries} entries, etcd {in_etcd} leases");
     }
     rows.push((
         format!("{n} leases: etcd → datapath interface (in-process, median of {})", args.rounds),
-        ms(median(to_interface)),
+        ms(median(&mut to_interface)),
     ));
     rows.push((
         format!("{n} leases: etcd → eBPF lease map programmed (in-process, median of {})", args.rounds),
-        ms(median(to_map)),
+        ms(median(&mut to_map)),
     ));
 
     // Event-to-datapath latency with N leases present.
@@ -356,9 +352,7 @@ async fn main() -> Result<()> {
 
     println!("\n## Control plane\n");
     println!("Machine: {}", machine());
-    let flags: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
-    let command = std::iter::once("cargo xtask bench control-plane".to_string()).chain(flags).collect::<Vec<_>>();
-    println!("Command: `{}`\n", command.join(" "));
+    println!("{}\n", argv.command_line("control-plane"));
     println!("| measurement | result |\n|---|---|");
     for (what, result) in rows {
         println!("| {what} | {result} |");

@@ -6,17 +6,17 @@
 use std::{
     fs::File,
     net::Ipv4Addr,
-    os::unix::net::UnixDatagram,
     path::PathBuf,
     process::{Child, Stdio},
     time::{Duration, Instant},
 };
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 
 use crate::{
     agent,
     etcd::{EtcdServer, Etcdctl},
+    readiness::NotifySocket,
     NetNs, PrivateBpffs,
 };
 
@@ -35,7 +35,7 @@ pub struct AgentNode {
     pub ns: NetNs,
     pub bpffs: PrivateBpffs,
     pub dir: tempfile::TempDir,
-    notify: UnixDatagram,
+    notify: NotifySocket,
 }
 
 impl Drop for AgentNode {
@@ -55,7 +55,7 @@ impl AgentNode {
         ns.ip(&["route", "add", "default", "via", "192.0.2.254", "dev", "eth0", "onlink"])?;
         let etcd = EtcdServer::start_in(&ns, NODE_IP)?;
         let dir = tempfile::tempdir().context("creating a temp dir")?;
-        let notify = UnixDatagram::bind(dir.path().join("notify.sock")).context("binding the notify socket")?;
+        let notify = NotifySocket::bind(dir.path().join("notify.sock"))?;
         Ok(AgentNode {
             agent: None,
             datapath: "ebpf",
@@ -95,7 +95,12 @@ impl AgentNode {
     /// goes to [`Self::log_path`], and it notifies readiness on the node's notify socket.
     pub fn start_agent(&mut self, extra: &[&str]) -> Result<u32> {
         anyhow::ensure!(self.agent.is_none(), "agent already running");
-        let log = File::options().create(true).append(true).open(self.log_path())?;
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .with_context(|| format!("opening the agent's log {}", self.log_path().display()))?;
+        self.notify.reset()?;
         let child = self
             .ns
             .command(agent::binary()?)
@@ -105,7 +110,7 @@ impl AgentNode {
             .arg("--bpf-pin-path")
             .arg(self.pin_root())
             .args(extra)
-            .env("NOTIFY_SOCKET", self.dir.path().join("notify.sock"))
+            .env("NOTIFY_SOCKET", self.notify.path())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -115,18 +120,12 @@ impl AgentNode {
         Ok(pid)
     }
 
-    /// Waits for the agent's `READY=1`.
+    /// Waits for the agent's `READY=1` (see [`crate::readiness`]); fails with its log if it
+    /// exits first or `timeout` passes.
     pub fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
-        self.notify.set_read_timeout(Some(timeout))?;
-        let mut buf = [0u8; 64];
-        let n = self
-            .notify
-            .recv(&mut buf)
-            .with_context(|| format!("no READY=1 from the agent within {timeout:?}; its log:\n{}", self.log_text()))?;
-        if &buf[..n] != b"READY=1" {
-            bail!("unexpected notification {:?}", String::from_utf8_lossy(&buf[..n]));
-        }
-        Ok(())
+        let log = self.log_path();
+        let agent = self.agent.as_mut().context("no agent running")?;
+        self.notify.wait_ready(timeout, &log, || agent.try_wait().ok().flatten())
     }
 
     pub fn agent_pid(&self) -> Option<u32> {

@@ -17,16 +17,17 @@ use std::{
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::Mutex,
-    time::{Duration, Instant},
+    time::{Duration, SystemTime},
 };
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 
 use crate::{
     agent,
     etcd::{EtcdServer, Etcdctl},
     names::unique,
     netns::run,
+    readiness::NotifySocket,
     NetNs, PrivateBpffs,
 };
 
@@ -48,7 +49,7 @@ pub struct LabConfig {
     /// The agents' `--datapath`.
     pub datapath: String,
     pub ip_masq: bool,
-    /// More agent arguments (e.g. `--vxlan-decap tc`).
+    /// More agent arguments (e.g. `--netfilter-bypass`).
     pub agent_args: Vec<String>,
 }
 
@@ -71,11 +72,19 @@ pub struct Pod {
     pub container_id: String,
 }
 
+/// A node's agent process and when it was started.
+struct RunningAgent {
+    child: Child,
+    started: SystemTime,
+}
+
 pub struct LabNode {
     pub index: usize,
     pub ip: Ipv4Addr,
     pub dir: PathBuf,
-    agent: Mutex<Option<Child>>,
+    agent: Mutex<Option<RunningAgent>>,
+    /// The agent's `NOTIFY_SOCKET`: readiness is its `READY=1` (see [`crate::readiness`]).
+    notify: NotifySocket,
     pub pods: Vec<Pod>,
     // Declared last: the namespace outlives the agent and pods that live in it.
     pub ns: NetNs,
@@ -90,9 +99,6 @@ impl LabNode {
     }
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(self.log_path()).unwrap_or_default()
-    }
-    pub fn agent_running(&self) -> bool {
-        self.agent.lock().unwrap().as_mut().is_some_and(|c| c.try_wait().ok().flatten().is_none())
     }
     /// The subnet from subnet.env (e.g. 10.244.7.0/24).
     pub fn subnet(&self) -> Result<ipnet::Ipv4Net> {
@@ -118,9 +124,9 @@ pub struct Lab {
 impl Drop for Lab {
     fn drop(&mut self) {
         for node in &mut self.nodes {
-            if let Some(mut child) = node.agent.lock().unwrap().take() {
-                let _ = child.kill();
-                let _ = child.wait();
+            if let Some(mut agent) = node.agent.lock().unwrap().take() {
+                let _ = agent.child.kill();
+                let _ = agent.child.wait();
             }
         }
     }
@@ -190,8 +196,9 @@ impl Lab {
         ns.ip(&["route", "add", "default", "via", &GATEWAY_IP.to_string()])?;
         ns.sysctl("net.ipv4.ip_forward", "1")?;
         let dir = self.dir.path().join(format!("node{index}"));
-        std::fs::create_dir_all(&dir)?;
-        self.nodes.push(LabNode { index, ip, dir, agent: Mutex::new(None), pods: Vec::new(), ns });
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let notify = NotifySocket::bind(dir.join("notify.sock"))?;
+        self.nodes.push(LabNode { index, ip, dir, agent: Mutex::new(None), notify, pods: Vec::new(), ns });
         Ok(())
     }
 
@@ -215,64 +222,74 @@ impl Lab {
 
     /// Starts node `index`'s agent (in its namespace, with its own subnet file and pins).
     pub fn start_agent(&self, index: usize) -> Result<()> {
+        self.start_agent_with_datapath(index, &self.config.datapath)
+    }
+
+    /// As [`Lab::start_agent`] with another `--datapath` than the lab's: a node switching.
+    pub fn start_agent_with_datapath(&self, index: usize, datapath: &str) -> Result<()> {
         let endpoint = self.etcd.client_url();
         let pins = self.pin_root(index);
         let node = &self.nodes[index];
         let mut agent = node.agent.lock().unwrap();
         anyhow::ensure!(agent.is_none(), "agent of node {index} already running");
-        let log = File::options().create(true).append(true).open(node.log_path())?;
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(node.log_path())
+            .with_context(|| format!("opening node {index}'s agent log {}", node.log_path().display()))?;
+        node.notify.reset()?;
         let mut command = node.ns.command(agent::binary()?);
         command
-            .args(["--etcd-endpoints", &endpoint, "--iface", "eth0", "--datapath", &self.config.datapath])
+            .args(["--etcd-endpoints", &endpoint, "--iface", "eth0", "--datapath", datapath])
             .arg("--subnet-file")
             .arg(node.subnet_file())
             .arg("--bpf-pin-path")
             .arg(pins)
             .arg(format!("--ip-masq={}", self.config.ip_masq))
             .args(&self.config.agent_args)
+            .env("NOTIFY_SOCKET", node.notify.path())
             .stdout(Stdio::null())
             .stderr(log);
-        *agent = Some(command.spawn().context("starting flannel-agent")?);
+        let started = SystemTime::now();
+        let child = command.spawn().with_context(|| format!("starting node {index}'s flannel-agent"))?;
+        *agent = Some(RunningAgent { child, started });
         Ok(())
     }
 
-    /// Waits until node `index`'s agent is ready: subnet.env written since `since` (its
-    /// modification time), or simply present when `since` is None.
+    /// Waits until node `index`'s running agent has sent `READY=1` (see [`crate::readiness`]:
+    /// subnet.env is written and the datapath programmed by then); fails with its log if it
+    /// exits first or `timeout` passes.
     pub fn wait_ready(&self, index: usize, timeout: Duration) -> Result<()> {
         self.wait_ready_since(index, timeout, None)
     }
 
-    pub fn wait_ready_since(
-        &self,
-        index: usize,
-        timeout: Duration,
-        since: Option<std::time::SystemTime>,
-    ) -> Result<()> {
-        let deadline = Instant::now() + timeout;
+    /// [`Self::wait_ready`] for an agent started at or after `since` (e.g. just before a
+    /// restart): an agent started earlier was ready before that time, not since, so that is
+    /// an error at once rather than success or a wait for a READY=1 it will not send again.
+    pub fn wait_ready_since(&self, index: usize, timeout: Duration, since: Option<SystemTime>) -> Result<()> {
         let node = &self.nodes[index];
-        let fresh = || {
-            std::fs::metadata(node.subnet_file())
-                .and_then(|m| m.modified())
-                .is_ok_and(|written| since.is_none_or(|since| written >= since))
-        };
-        while !fresh() {
-            if !node.agent_running() {
-                bail!("agent of node {index} exited; its log:\n{}", node.log_text());
-            }
-            if Instant::now() > deadline {
-                bail!("agent of node {index} not ready after {timeout:?}; its log:\n{}", node.log_text());
-            }
-            std::thread::sleep(Duration::from_millis(50));
+        let started = node.agent.lock().unwrap().as_ref().map(|a| a.started);
+        let started = started.with_context(|| format!("node {index} has no agent to wait for"))?;
+        if let Some(since) = since {
+            ensure!(started >= since, "node {index}'s agent was started before the time it should be ready since");
         }
-        Ok(())
+        let exited = || node.agent.lock().unwrap().as_mut().and_then(|a| a.child.try_wait().ok().flatten());
+        node.notify
+            .wait_ready(timeout, &node.log_path(), exited)
+            .with_context(|| format!("waiting for node {index}'s agent to be ready"))
     }
 
     /// Stops node `index`'s agent with `signal` (SIGTERM or SIGKILL) and waits for it.
     pub fn stop_agent(&self, index: usize, signal: i32) -> Result<std::process::ExitStatus> {
-        let mut child = self.nodes[index].agent.lock().unwrap().take().context("agent not running")?;
+        let RunningAgent { mut child, .. } = self.nodes[index]
+            .agent
+            .lock()
+            .unwrap()
+            .take()
+            .with_context(|| format!("node {index}'s agent not running"))?;
         // SAFETY: kill(2) on our own child.
         unsafe { libc::kill(child.id() as i32, signal) };
-        Ok(child.wait()?)
+        child.wait().with_context(|| format!("waiting for node {index}'s agent to exit"))
     }
 
     fn cni_config(&self, node: &LabNode) -> String {
@@ -319,6 +336,15 @@ impl Lab {
         let ip: Ipv4Addr = address.split('/').next().unwrap_or_default().parse()?;
         self.nodes[index].pods.push(Pod { ns: pod_ns, ip, container_id });
         Ok(ip)
+    }
+
+    /// Deletes the last pod created on node `index` through the CNI chain (DEL), then its
+    /// namespace; returns its address.
+    pub fn remove_last_pod(&mut self, index: usize) -> Result<Ipv4Addr> {
+        let pod = self.nodes[index].pods.pop().with_context(|| format!("node {index} has no pod"))?;
+        self.cni(&self.nodes[index], "DEL", &pod.ns, &pod.container_id)
+            .with_context(|| format!("deleting pod {} on node {index}", pod.ip))?;
+        Ok(pod.ip)
     }
 
     /// Every pod with its node index.

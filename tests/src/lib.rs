@@ -5,14 +5,19 @@
 
 pub mod agent;
 pub mod agent_node;
+pub mod bench;
 pub mod bpffs;
+pub mod capture;
 pub mod etcd;
+pub mod kube_proxy;
 pub mod lab;
 pub mod names;
 pub mod netns;
 pub mod packet;
 pub mod pki;
+pub mod readiness;
 pub mod traffic;
+pub mod vxlan_probe;
 
 pub use bpffs::PrivateBpffs;
 pub use netns::{veth_pair, NetNs};

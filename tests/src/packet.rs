@@ -3,12 +3,16 @@
 use std::net::Ipv4Addr;
 
 pub const ETH_P_IP: u16 = 0x0800;
+pub const ETH_P_ARP: u16 = 0x0806;
 pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 pub const ETH_HLEN: usize = 14;
 pub const IPV4_HLEN: usize = 20;
 pub const UDP_HLEN: usize = 8;
+pub const VXLAN_HLEN: usize = 8;
+/// The VXLAN header's "I" flag: the VNI field is valid (RFC 7348); every VXLAN frame has it.
+pub const VXLAN_FLAG_VNI: u8 = 0x08;
 
 pub type Mac = [u8; 6];
 

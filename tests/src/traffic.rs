@@ -15,6 +15,18 @@ use crate::NetNs;
 /// Connects from `client` to `server_ip:port` (a listener in `server`), sends a greeting and
 /// returns the peer address the server saw.
 pub fn tcp_source_seen(server: &NetNs, server_ip: Ipv4Addr, client: &NetNs, port: u16) -> Result<SocketAddr> {
+    tcp_source_seen_via(server, server_ip, port, client, SocketAddr::from((server_ip, port)))
+}
+
+/// As [`tcp_source_seen`], with the client connecting to `connect` — a ClusterIP that the
+/// stack translates to the listener `server_ip:port`, say.
+pub fn tcp_source_seen_via(
+    server: &NetNs,
+    server_ip: Ipv4Addr,
+    port: u16,
+    client: &NetNs,
+    connect: SocketAddr,
+) -> Result<SocketAddr> {
     let listener = server.run_in(move || TcpListener::bind((server_ip, port)))??;
     // Polled with a deadline: a connection that never arrives fails the test, not hangs it.
     listener.set_nonblocking(true)?;
@@ -38,8 +50,8 @@ pub fn tcp_source_seen(server: &NetNs, server_ip: Ipv4Addr, client: &NetNs, port
             Ok(peer)
         });
         client.run_in(move || -> Result<()> {
-            let mut stream = TcpStream::connect_timeout(&SocketAddr::from((server_ip, port)), Duration::from_secs(5))
-                .with_context(|| format!("TCP connect to {server_ip}:{port}"))?;
+            let mut stream = TcpStream::connect_timeout(&connect, Duration::from_secs(5))
+                .with_context(|| format!("TCP connect to {connect}"))?;
             stream.set_read_timeout(Some(Duration::from_secs(5)))?;
             stream.write_all(b"hello")?;
             let mut buf = [0u8; 5];

@@ -10,7 +10,10 @@ use aya::{
     programs::{SchedClassifier, TestRun, TestRunOptions},
     Ebpf,
 };
-use flannel_agent::datapath::ebpf::snat::{monotonic_ns, SnatOptions, SnatTable};
+use flannel_agent::{
+    datapath::ebpf::snat::{SnatOptions, SnatTable},
+    ebpf::decode::monotonic_ns,
+};
 use flannel_common::{
     snat::{IPPROTO_TCP, IPPROTO_UDP, SNAT_EGRESS, SNAT_INGRESS},
     NodeConfig, SnatEntry, SnatKey, Stat, NODE_MAP, SNAT_MAP, STATS_MAP,

@@ -88,6 +88,7 @@ async fn reservation_is_honoured_and_never_given_a_ttl() {
     assert_eq!(ctl.key_lease(&subnet_key("10.244.51.0/24")).unwrap(), None, "the other reservation is untouched");
     assert_eq!(datapath.subnets(), vec!["10.244.51.0/24".parse().unwrap()], "the other reservation is a peer");
     assert_eq!(plane.stats().reacquired, 0);
+    assert_eq!(plane.stats().renewals, 0, "a reservation has no etcd lease to keep alive");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -103,8 +104,13 @@ async fn renewal_keeps_one_etcd_lease() {
     tokio::time::sleep(Duration::from_millis(2500)).await;
     let (_, ttl_before) = ctl.key_lease(&key).unwrap().unwrap();
     tokio::time::sleep(Duration::from_millis(2500)).await;
-    running.stop().await;
+    let plane = running.stop().await;
     let (same_id, ttl) = ctl.key_lease(&key).unwrap().unwrap();
+    // The control plane's own count: its keep-alives ran (the TTL below only says that
+    // something refreshed the lease).
+    let stats = plane.stats();
+    assert!(stats.renewals > 0, "no renewal in 5 s with a renewal due every 2 s: {stats:?}");
+    assert_eq!(stats.reacquired, 0, "renewed, not re-acquired: {stats:?}");
     assert_eq!(same_id, lease_id, "renewal refreshes the same etcd lease");
     assert!(ttl >= 57, "TTL was refreshed (before {ttl_before}, now {ttl})");
     assert_eq!(lease_count(&ctl), 1, "no etcd lease leaked per renewal");

@@ -21,8 +21,8 @@ pub struct BenchCli {
 pub enum Suite {
     /// etcd → datapath: learning N pre-existing leases, one change's latency, agent peak RSS.
     ControlPlane(BenchArgs),
-    /// Pod-to-pod throughput and latency per datapath vs the bare underlay, interleaved; eBPF
-    /// per-packet program cost.
+    /// Pod → pod and pod → ClusterIP throughput and latency per datapath vs the bare underlay,
+    /// interleaved; masquerade; eBPF per-packet program cost; an SVG chart of the ratios.
     Datapath(DatapathArgs),
 }
 
@@ -31,9 +31,16 @@ pub struct DatapathArgs {
     /// One round with 1 s streams (about a minute).
     #[arg(long)]
     quick: bool,
+    /// The harness end to end in a few seconds (numbers meaningless).
+    #[arg(long, conflicts_with = "quick")]
+    smoke: bool,
     /// Interleaved rounds (default 3).
     #[arg(long)]
     rounds: Option<usize>,
+    /// Where the SVG chart of the ratios goes, relative to the repository root (default
+    /// target/bench/datapath-ratios.svg).
+    #[arg(long, value_name = "PATH")]
+    svg: Option<String>,
 }
 
 #[derive(Args)]
@@ -51,7 +58,7 @@ pub fn run(cli: BenchCli) -> Result<()> {
         Some(suite) => run_suite(suite),
         None => {
             run_suite(Suite::ControlPlane(BenchArgs { quick: cli.quick, leases: None }))?;
-            run_suite(Suite::Datapath(DatapathArgs { quick: cli.quick, rounds: None }))
+            run_suite(Suite::Datapath(DatapathArgs { quick: cli.quick, smoke: false, rounds: None, svg: None }))
         }
     }
 }
@@ -63,17 +70,36 @@ fn run_suite(suite: Suite) -> Result<()> {
     Prerequisites::ensure(Provision::Install)?;
     // The benchmarks drive the release binaries (agent, CNI plugin), found next to them.
     run_step("build agent (release)", cargo().args(["build", "--release", "--package", "flannel-agent", "--bins"]))?;
-    let (bench, quick, extra) = match suite {
-        Suite::ControlPlane(args) => ("control_plane", args.quick, args.leases.map(|n| ("--leases", n))),
-        Suite::Datapath(args) => ("datapath", args.quick, args.rounds.map(|n| ("--rounds", n))),
+    let (bench, args) = match suite {
+        Suite::ControlPlane(a) => {
+            ("control_plane", [switch("--quick", a.quick), option("--leases", a.leases)].concat())
+        }
+        Suite::Datapath(a) => (
+            "datapath",
+            [
+                switch("--quick", a.quick),
+                switch("--smoke", a.smoke),
+                option("--rounds", a.rounds),
+                option("--svg", a.svg),
+            ]
+            .concat(),
+        ),
     };
     let mut command = cargo();
-    command.args(["bench", "--package", "flannel-tests", "--bench", bench, "--"]);
-    if quick {
-        command.arg("--quick");
-    }
-    if let Some((flag, n)) = extra {
-        command.args([flag, &n.to_string()]);
-    }
+    command.args(["bench", "--package", "flannel-tests", "--bench", bench, "--"]).args(args);
     run_step(&format!("{bench} benchmark"), &mut command)
+}
+
+/// `name` as a bench argument when `on`.
+fn switch(name: &str, on: bool) -> Vec<String> {
+    if on {
+        vec![name.into()]
+    } else {
+        Vec::new()
+    }
+}
+
+/// `name value` as bench arguments when there is a value.
+fn option(name: &str, value: Option<impl ToString>) -> Vec<String> {
+    value.map(|v| vec![name.into(), v.to_string()]).unwrap_or_default()
 }

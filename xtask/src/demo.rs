@@ -25,13 +25,17 @@ pub struct DemoArgs {
     /// Leave the cluster running and print how to use it; Ctrl-C tears it down.
     #[arg(long)]
     keep: bool,
-    /// The agents' datapath: ebpf (TC/XDP programs) or netlink (flannel-classic kernel
+    /// The agents' datapath: ebpf (TC programs and BPF maps) or netlink (flannel-classic kernel
     /// datapath).
     #[arg(long, default_value = "ebpf")]
     datapath: String,
     /// Backend in the network config: vxlan or host-gw.
     #[arg(long, default_value = "vxlan")]
     backend: String,
+    /// Run the eBPF agents with --netfilter-bypass (pod ↔ remote pod traffic skips the
+    /// nodes' routing and netfilter both ways).
+    #[arg(long)]
+    netfilter_bypass: bool,
 }
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
@@ -58,8 +62,14 @@ pub fn run(args: DemoArgs) -> Result<()> {
         libc::signal(libc::SIGTERM, on_interrupt as *const () as libc::sighandler_t);
     }
 
-    println!("Starting a 3-node cluster (backend {}, datapath {}) …", args.backend, args.datapath);
-    let config = LabConfig { backend: args.backend.clone(), datapath: args.datapath.clone(), ..LabConfig::default() };
+    let bypass = if args.netfilter_bypass { ", --netfilter-bypass" } else { "" };
+    println!("Starting a 3-node cluster (backend {}, datapath {}{bypass}) …", args.backend, args.datapath);
+    let config = LabConfig {
+        backend: args.backend.clone(),
+        datapath: args.datapath.clone(),
+        agent_args: if args.netfilter_bypass { vec!["--netfilter-bypass".into()] } else { Vec::new() },
+        ..LabConfig::default()
+    };
     let lab = Lab::start(config)?;
     interrupted()?;
 

@@ -1,6 +1,10 @@
-//! The eBPF object configured as one node of a two-node vxlan cluster, with the forwarding
-//! programs loaded — shared by the BPF_PROG_TEST_RUN tests and the datapath benchmark
-//! (included with `#[path]`).
+//! The eBPF object configured as one node of a small cluster, with its programs loaded —
+//! shared by the BPF_PROG_TEST_RUN tests and the datapath benchmark (included with `#[path]`).
+//!
+//! The cluster (see [`node_object_with`]): network 10.244.0.0/16, VNI 1; our subnet
+//! 10.244.1.0/24 with two local pods ([`POD`], [`POD2`]) in the endpoint map; the vxlan peer's
+//! 10.244.2.0/24; a host-gw peer ([`HOST_GW_PEER`]) holding 10.244.3.0/24. The interface
+//! indexes are made up: BPF_PROG_TEST_RUN returns a redirect's verdict without performing it.
 // Included by several test and bench crates, each of which uses a part.
 #![allow(dead_code)]
 
@@ -8,13 +12,47 @@ use std::net::Ipv4Addr;
 
 use aya::{
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie},
-    programs::{SchedClassifier, Xdp},
+    programs::SchedClassifier,
     Ebpf,
 };
 use flannel_agent::ebpf::object;
-use flannel_common::{LeaseEntry, LeaseKind, NodeConfig, LEASES_MAP, NODE_MAP, PEERS_MAP};
+use flannel_common::{
+    EndpointEntry, LeaseEntry, LeaseKind, NodeConfig, ENDPOINTS_MAP, LEASES_MAP, NODE_MAP, PEERS_MAP,
+};
 
-pub const EXT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0xee, 0x11];
+/// VXLAN network identifier of the cluster.
+pub const VNI: u32 = 1;
+/// The tunnel device (`flannel.1`, collect-metadata vxlan) the bypass redirects into.
+pub const TUNNEL_IFINDEX: u32 = 3;
+/// The external (underlay) interface.
+pub const EXT_IFINDEX: u32 = 2;
+/// The pod bridge (cni0) and its MAC: the source MAC of frames delivered into pods.
+pub const BRIDGE_IFINDEX: u32 = 4;
+pub const BRIDGE_MAC: [u8; 6] = [0x02, 0, 0, 0, 0xb0, 0x01];
+/// A local pod in the endpoint map: its address, MAC (its eth0) and host-side veth. The veth
+/// is the loopback device's index (1): BPF_PROG_TEST_RUN runs frames as received on the
+/// loopback device, so this pod's frames come from its own veth as far as the programs see.
+pub const POD: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 2);
+pub const POD_MAC: [u8; 6] = [0x0a, 0, 0, 0, 0, 0x02];
+pub const POD_IFINDEX: u32 = 1;
+/// A second local pod in the endpoint map, on another veth: its frames in BPF_PROG_TEST_RUN
+/// arrive on a device that is not its own.
+pub const POD2: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 3);
+pub const POD2_MAC: [u8; 6] = [0x0a, 0, 0, 0, 0, 0x03];
+pub const POD2_IFINDEX: u32 = 6;
+/// The host-gw peer's PublicIP (it holds 10.244.3.0/24).
+pub const HOST_GW_PEER: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 13);
+/// The forwarding programs (TC classifiers), all loaded by [`node_object_with`].
+pub const FORWARDING_PROGRAMS: [&str; 6] = [
+    "fl_tunnel_egress",
+    "fl_tunnel_ingress",
+    "fl_pod_egress",
+    "fl_underlay_ingress",
+    "fl_underlay_egress",
+    "fl_bridge_egress",
+];
+/// The masquerade programs (TC classifiers).
+pub const SNAT_PROGRAMS: [&str; 2] = ["fl_snat_egress", "fl_snat_ingress"];
 
 /// Node 192.0.2.10 of cluster network 10.244.0.0/16 masquerading to its address with source
 /// ports `port_min..=port_max`; the masquerade programs loaded.
@@ -33,48 +71,107 @@ pub fn snat_object(port_min: u16, port_max: u16) -> anyhow::Result<Ebpf> {
         ..Default::default()
     };
     node.set(0, config, 0)?;
-    for name in ["fl_snat_egress", "fl_snat_ingress"] {
-        let program: &mut SchedClassifier = ebpf.program_mut(name).expect("program").try_into()?;
-        program.load()?;
-    }
+    load_classifiers(&mut ebpf, &SNAT_PROGRAMS)?;
     Ok(ebpf)
 }
 
 pub fn lease(public_ip: Ipv4Addr, kind: LeaseKind, vtep_mac: [u8; 6]) -> LeaseEntry {
-    LeaseEntry { public_ip: public_ip.octets(), vtep_mac, kind: kind as u8, _pad: 0, vni: 1 }
+    let vni = if kind == LeaseKind::HostGw { 0 } else { VNI };
+    LeaseEntry { public_ip: public_ip.octets(), vtep_mac, kind: kind as u8, _pad: 0, vni }
 }
 
-/// Node `me` (VtepMAC `my_vtep`, subnet 10.244.1.0/24) with `peer` (`peer_vtep`) holding
-/// 10.244.2.0/24 over vxlan and a host-gw peer holding 10.244.3.0/24; VNI 1, port 8472,
-/// external interface index 1 with MAC [`EXT_MAC`]; the forwarding programs loaded.
-pub fn node_object(me: Ipv4Addr, my_vtep: [u8; 6], peer: Ipv4Addr, peer_vtep: [u8; 6]) -> anyhow::Result<Ebpf> {
+/// What [`node_object_with`] sets up.
+#[derive(Clone, Copy, Debug)]
+pub struct NodeSetup {
+    /// Our PublicIP and VtepMAC (we hold 10.244.1.0/24).
+    pub me: Ipv4Addr,
+    pub my_vtep: [u8; 6],
+    /// The vxlan peer's PublicIP and VtepMAC (it holds 10.244.2.0/24).
+    pub peer: Ipv4Addr,
+    pub peer_vtep: [u8; 6],
+    /// `--netfilter-bypass`.
+    pub bypass: bool,
+    /// `--ip-masq` with this source port range (to our PublicIP); None: masquerade off.
+    pub snat_ports: Option<(u16, u16)>,
+}
+
+impl NodeSetup {
+    /// Bypass and masquerade off.
+    pub fn new(me: Ipv4Addr, my_vtep: [u8; 6], peer: Ipv4Addr, peer_vtep: [u8; 6]) -> NodeSetup {
+        NodeSetup { me, my_vtep, peer, peer_vtep, bypass: false, snat_ports: None }
+    }
+
+    /// The `fl_node_v3` entry for this setup.
+    pub fn config(&self) -> NodeConfig {
+        let (snat_port_min, snat_port_max) = self.snat_ports.unwrap_or((0, 0));
+        NodeConfig {
+            public_ip: self.me.octets(),
+            vtep_mac: self.my_vtep,
+            bypass: u8::from(self.bypass),
+            _pad: 0,
+            vni: VNI,
+            tunnel_ifindex: TUNNEL_IFINDEX,
+            ext_ifindex: EXT_IFINDEX,
+            bridge_ifindex: BRIDGE_IFINDEX,
+            bridge_mac: BRIDGE_MAC,
+            network_prefix: 16,
+            snat: u8::from(self.snat_ports.is_some()),
+            network: [10, 244, 0, 0],
+            snat_ip: self.me.octets(),
+            snat_port_min,
+            snat_port_max,
+        }
+    }
+}
+
+/// The object for `setup` (see the module documentation for the cluster): leases, peers,
+/// endpoints and `fl_node_v3` written, every forwarding and masquerade program loaded.
+pub fn node_object_with(setup: &NodeSetup) -> anyhow::Result<Ebpf> {
     let mut ebpf = object::load_unpinned()?;
     let mut leases: LpmTrie<_, [u8; 4], LeaseEntry> = LpmTrie::try_from(ebpf.map_mut(LEASES_MAP).expect("map"))?;
     for (subnet, entry) in [
-        ([10, 244, 1, 0], lease(me, LeaseKind::Local, my_vtep)),
-        ([10, 244, 2, 0], lease(peer, LeaseKind::Vxlan, peer_vtep)),
-        ([10, 244, 3, 0], lease(Ipv4Addr::new(192, 0, 2, 13), LeaseKind::HostGw, [0; 6])),
+        ([10, 244, 1, 0], lease(setup.me, LeaseKind::Local, setup.my_vtep)),
+        ([10, 244, 2, 0], lease(setup.peer, LeaseKind::Vxlan, setup.peer_vtep)),
+        ([10, 244, 3, 0], lease(HOST_GW_PEER, LeaseKind::HostGw, [0; 6])),
     ] {
         leases.insert(&Key::new(24, subnet), entry, 0)?;
     }
-    let mut node: Array<_, NodeConfig> = Array::try_from(ebpf.map_mut(NODE_MAP).expect("map"))?;
-    let config = NodeConfig {
-        public_ip: me.octets(),
-        vtep_mac: my_vtep,
-        vni: 1,
-        vxlan_port: 8472,
-        ext_ifindex: 1,
-        ext_mac: EXT_MAC,
-        ..Default::default()
-    };
-    node.set(0, config, 0)?;
     let mut peers: HashMap<_, [u8; 4], u32> = HashMap::try_from(ebpf.map_mut(PEERS_MAP).expect("map"))?;
-    peers.insert(peer.octets(), 1, 0)?;
-    for name in ["fl_pod_egress", "fl_host_egress"] {
-        let egress: &mut SchedClassifier = ebpf.program_mut(name).expect("program").try_into()?;
-        egress.load()?;
+    peers.insert(setup.peer.octets(), 1, 0)?;
+    let mut endpoints: HashMap<_, [u8; 4], EndpointEntry> =
+        HashMap::try_from(ebpf.map_mut(ENDPOINTS_MAP).expect("map"))?;
+    for (ip, mac, ifindex) in [(POD, POD_MAC, POD_IFINDEX), (POD2, POD2_MAC, POD2_IFINDEX)] {
+        endpoints.insert(ip.octets(), EndpointEntry { ifindex, mac, _pad: [0; 2] }, 0)?;
     }
-    let ingress: &mut Xdp = ebpf.program_mut("fl_underlay_ingress").expect("program").try_into()?;
-    ingress.load()?;
+    set_node(&mut ebpf, setup.config())?;
+    load_classifiers(&mut ebpf, &FORWARDING_PROGRAMS)?;
+    load_classifiers(&mut ebpf, &SNAT_PROGRAMS)?;
     Ok(ebpf)
+}
+
+/// Node `me` (VtepMAC `my_vtep`) with `peer` (`peer_vtep`) over vxlan and a host-gw peer, as
+/// [`node_object_with`] describes, with the defaults: no `--netfilter-bypass`, no masquerade.
+pub fn node_object(me: Ipv4Addr, my_vtep: [u8; 6], peer: Ipv4Addr, peer_vtep: [u8; 6]) -> anyhow::Result<Ebpf> {
+    node_object_with(&NodeSetup::new(me, my_vtep, peer, peer_vtep))
+}
+
+/// As [`node_object`] with `--netfilter-bypass`: the bypass programs forward, and the stack's
+/// exits record their flows.
+pub fn bypass_node_object(me: Ipv4Addr, my_vtep: [u8; 6], peer: Ipv4Addr, peer_vtep: [u8; 6]) -> anyhow::Result<Ebpf> {
+    node_object_with(&NodeSetup { bypass: true, ..NodeSetup::new(me, my_vtep, peer, peer_vtep) })
+}
+
+/// Rewrites `fl_node_v3`.
+pub fn set_node(ebpf: &mut Ebpf, config: NodeConfig) -> anyhow::Result<()> {
+    let mut node: Array<_, NodeConfig> = Array::try_from(ebpf.map_mut(NODE_MAP).expect("map"))?;
+    node.set(0, config, 0)?;
+    Ok(())
+}
+
+fn load_classifiers(ebpf: &mut Ebpf, names: &[&str]) -> anyhow::Result<()> {
+    for name in names {
+        let program: &mut SchedClassifier = ebpf.program_mut(name).expect("program").try_into()?;
+        program.load()?;
+    }
+    Ok(())
 }
