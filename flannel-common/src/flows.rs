@@ -18,7 +18,9 @@ pub struct FlowKey {
     pub src_port: u16,
     pub dst_port: u16,
     pub proto: u8,
-    pub _pad: [u8; 3],
+    /// Padding as a byte and a word (a 3-byte array is zeroed with a `memset` call in BPF).
+    pub _pad: u8,
+    pub _pad2: u16,
 }
 
 #[cfg(feature = "user")]

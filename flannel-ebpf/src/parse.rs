@@ -53,7 +53,8 @@ impl Flow {
             src_port: self.src_port,
             dst_port: self.dst_port,
             proto: self.proto,
-            _pad: [0; 3],
+            _pad: 0,
+            _pad2: 0,
         }
     }
 }

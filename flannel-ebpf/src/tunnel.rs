@@ -14,7 +14,7 @@
 //!   the bypass, straight into a known local pod.
 
 use aya_ebpf::{
-    bindings::{bpf_tunnel_key, TC_ACT_SHOT, TC_ACT_UNSPEC},
+    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
     helpers::bpf_skb_get_tunnel_key,
     macros::classifier,
     maps::lpm_trie::Key,
@@ -23,7 +23,7 @@ use aya_ebpf::{
 use flannel_common::{leases::LeaseKind, stats::Stat};
 
 use crate::{
-    forward::{bypass_to_pod, record_stack_flow, set_tunnel, take_bypass_mark, TUNNEL_KEY_SIZE},
+    forward::{bypass_to_pod, record_stack_flow, set_tunnel, take_bypass_mark, TunnelKey, TUNNEL_KEY_SIZE},
     maps::{count, LEASES, NODE, PEERS},
     parse::{ipv4_flow, is_ipv4},
 };
@@ -76,17 +76,18 @@ fn tunnel_egress(ctx: &TcContext) -> Result<i32, Stat> {
 fn tunnel_ingress(ctx: &TcContext) -> Result<i32, Stat> {
     let Some(node) = NODE.get(0) else { return Err(Stat::DropNoTunnelKey) };
     let node = *node;
-    // SAFETY: all-zero is a valid bpf_tunnel_key.
-    let mut key: bpf_tunnel_key = unsafe { core::mem::zeroed() };
-    // SAFETY: key lives for the call; the kernel fills it from the receive metadata.
-    if unsafe { bpf_skb_get_tunnel_key(ctx.skb.skb, &mut key, TUNNEL_KEY_SIZE, 0) } != 0 {
+    let mut key = TunnelKey::uninit();
+    // SAFETY: key lives for the call; the kernel fills (or, failing, zeroes) TUNNEL_KEY_SIZE
+    // bytes of it, all there are.
+    if unsafe { bpf_skb_get_tunnel_key(ctx.skb.skb, key.as_mut_ptr().cast(), TUNNEL_KEY_SIZE, 0) } != 0 {
         return Err(Stat::DropNoTunnelKey);
     }
-    if key.tunnel_id != node.vni {
+    // SAFETY: written by the helper just above.
+    let key = unsafe { key.assume_init() };
+    if key.id() != node.vni {
         return Err(Stat::DropWrongVni);
     }
-    // SAFETY: reading the IPv4 arm of the union the kernel filled for an IPv4 tunnel.
-    let source = unsafe { key.__bindgen_anon_1.remote_ipv4 }.to_be_bytes();
+    let source = key.remote_ipv4();
     // SAFETY: the value is not kept past this lookup.
     if unsafe { PEERS.get(&source) }.is_none() {
         return Err(Stat::DropSpoofedSource);

@@ -261,7 +261,7 @@ fn ipv4_header_valid(frame: &[u8]) -> bool {
 }
 
 fn flow_key(src: Ipv4Addr, dst: Ipv4Addr, src_port: u16, dst_port: u16, proto: u8) -> FlowKey {
-    FlowKey { src_ip: src.octets(), dst_ip: dst.octets(), src_port, dst_port, proto, _pad: [0; 3] }
+    FlowKey { src_ip: src.octets(), dst_ip: dst.octets(), src_port, dst_port, proto, _pad: 0, _pad2: 0 }
 }
 
 /// `frame` as the tunnel device's egress leaves it for the vxlan peer: inner Ethernet
@@ -772,7 +772,8 @@ impl Parsed {
             src_port: self.src_port,
             dst_port: self.dst_port,
             proto: self.proto,
-            _pad: [0; 3],
+            _pad: 0,
+            _pad2: 0,
         }
     }
 
@@ -783,7 +784,8 @@ impl Parsed {
             src_port: self.dst_port,
             dst_port: self.src_port,
             proto: self.proto,
-            _pad: [0; 3],
+            _pad: 0,
+            _pad2: 0,
         }
     }
 }
