@@ -45,6 +45,23 @@ pub enum Stat {
     BypassForwarded = 17,
     /// A received tunnel frame without tunnel metadata: dropped.
     DropNoTunnelKey = 18,
+    /// Pod → outside TCP that is not a SYN and has no translation (evicted, swept): dropped,
+    /// never sent with the pod's address.
+    DropSnatNoMapping = 19,
+    /// A pod → outside IPv4 fragment that cannot be translated (no ports): dropped.
+    DropSnatFragment = 20,
+    /// An IPv4 header the programs cannot read safely (IHL < 5, lengths beyond the packet).
+    DropMalformed = 21,
+    /// ICMP errors about masqueraded flows translated back to the pod (outer and embedded).
+    SnatIcmpErrorTranslated = 22,
+    /// Inbound UDP from outside not given an identity entry: over the budget for them.
+    SnatInboundUdpOverBudget = 23,
+    /// Bypass: a packet larger than the path's MTU, handed to the stack (which answers with
+    /// ICMP frag-needed or fragments it).
+    BypassTooBigToStack = 24,
+    /// Bypass: a packet with metadata the bypass does not carry (a VLAN tag), handed to the
+    /// stack.
+    BypassUnsupportedToStack = 25,
 }
 
 /// Capacity of the counters array (more than [`Stat::ALL`], so counters can be added without
@@ -52,7 +69,7 @@ pub enum Stat {
 pub const STAT_SLOTS: u32 = 32;
 
 impl Stat {
-    pub const ALL: [Stat; 19] = [
+    pub const ALL: [Stat; 26] = [
         Stat::Encapsulated,
         Stat::HostGwForwarded,
         Stat::Decapsulated,
@@ -72,6 +89,13 @@ impl Stat {
         Stat::BypassForwarded,
         Stat::BypassDeliveredToPod,
         Stat::BypassToStack,
+        Stat::BypassTooBigToStack,
+        Stat::BypassUnsupportedToStack,
+        Stat::DropSnatNoMapping,
+        Stat::DropSnatFragment,
+        Stat::DropMalformed,
+        Stat::SnatIcmpErrorTranslated,
+        Stat::SnatInboundUdpOverBudget,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -95,6 +119,13 @@ impl Stat {
             Stat::BypassForwarded => "bypass-forwarded",
             Stat::BypassDeliveredToPod => "bypass-delivered-to-pod",
             Stat::BypassToStack => "bypass-to-stack",
+            Stat::DropSnatNoMapping => "drop-snat-no-mapping",
+            Stat::DropSnatFragment => "drop-snat-fragment",
+            Stat::DropMalformed => "drop-malformed",
+            Stat::SnatIcmpErrorTranslated => "snat-icmp-error-translated",
+            Stat::SnatInboundUdpOverBudget => "snat-inbound-udp-over-budget",
+            Stat::BypassTooBigToStack => "bypass-too-big-to-stack",
+            Stat::BypassUnsupportedToStack => "bypass-unsupported-to-stack",
         }
     }
 }
