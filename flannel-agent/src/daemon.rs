@@ -105,6 +105,10 @@ pub async fn run(options: DaemonOptions) -> Result<()> {
             other_idle: Duration::from_secs(args.snat_idle_timeout),
         }),
     };
+    if let (Some(masquerade), false) = (&ebpf_options.masquerade, args.datapath == DatapathKind::Netlink) {
+        // The eBPF masquerade shares the node's port space without conntrack's view of it.
+        ebpf_datapath::snat::warn_if_local_ports_overlap(masquerade);
+    }
     match args.datapath {
         DatapathKind::Ebpf => {
             let datapath =

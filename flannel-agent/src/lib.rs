@@ -2,6 +2,7 @@
 //!
 //! See ARCHITECTURE.md at the repository root for which module owns what.
 
+pub mod blocking;
 pub mod cli;
 pub mod cni;
 pub mod config;

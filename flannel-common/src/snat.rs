@@ -8,6 +8,20 @@
 //! takes the place of the pod-side port and the other port is 0.
 
 pub const SNAT_MAP: &str = "fl_snat_v1";
+/// Identity entries for flows outside hosts open to local pods (UDP, TCP SYN): keyed like an
+/// egress half (the pod's reply tuple), value: the pod's own address and port. A separate LRU
+/// so that a flood of inbound tuples can only evict other identity entries, never a
+/// translation in [`SNAT_MAP`].
+pub const SNAT_INBOUND_MAP: &str = "fl_snat_inbound_v1";
+pub const SNAT_INBOUND_MAX_ENTRIES: u32 = 16384;
+/// Per-CPU budget of new identity entries ([`InboundBudget`], one slot).
+pub const SNAT_BUDGET_MAP: &str = "fl_snat_budget_v1";
+/// New identity entries a CPU may create per [`SNAT_INBOUND_WINDOW_NS`]; beyond it the flow
+/// is not recorded (its replies are masqueraded, as for a flow the LRU evicted) and counted
+/// as `snat-inbound-over-budget`. At this rate a flood needs several seconds to cycle
+/// [`SNAT_INBOUND_MAP`], while recently used entries survive its LRU.
+pub const SNAT_INBOUND_BUDGET: u32 = 1024;
+pub const SNAT_INBOUND_WINDOW_NS: u64 = 1_000_000_000;
 /// Both halves count: this many entries hold half as many connections.
 pub const SNAT_MAX_ENTRIES: u32 = 131072;
 
@@ -50,10 +64,23 @@ pub struct SnatEntry {
     pub last_seen_ns: u64,
 }
 
+/// One CPU's use of [`SNAT_INBOUND_BUDGET`] in the current window. 16 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct InboundBudget {
+    /// `bpf_ktime_get_ns()` at which the current window began.
+    pub window_start_ns: u64,
+    /// Identity entries created in it.
+    pub used: u32,
+    pub _pad: u32,
+}
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: repr(C), explicit padding fields, every bit pattern valid.
     unsafe impl aya::Pod for super::SnatKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::SnatEntry {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::InboundBudget {}
 }

@@ -54,8 +54,9 @@ pub enum Stat {
     DropMalformed = 21,
     /// ICMP errors about masqueraded flows translated back to the pod (outer and embedded).
     SnatIcmpErrorTranslated = 22,
-    /// Inbound UDP from outside not given an identity entry: over the budget for them.
-    SnatInboundUdpOverBudget = 23,
+    /// An inbound flow from outside (UDP, or a TCP SYN) to a pod not given an identity entry:
+    /// over the per-CPU budget for new ones (its replies are then dropped, not masqueraded).
+    SnatInboundOverBudget = 23,
     /// Bypass: a packet larger than the path's MTU, handed to the stack (which answers with
     /// ICMP frag-needed or fragments it).
     BypassTooBigToStack = 24,
@@ -95,7 +96,7 @@ impl Stat {
         Stat::DropSnatFragment,
         Stat::DropMalformed,
         Stat::SnatIcmpErrorTranslated,
-        Stat::SnatInboundUdpOverBudget,
+        Stat::SnatInboundOverBudget,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -123,7 +124,7 @@ impl Stat {
             Stat::DropSnatFragment => "drop-snat-fragment",
             Stat::DropMalformed => "drop-malformed",
             Stat::SnatIcmpErrorTranslated => "snat-icmp-error-translated",
-            Stat::SnatInboundUdpOverBudget => "snat-inbound-udp-over-budget",
+            Stat::SnatInboundOverBudget => "snat-inbound-over-budget",
             Stat::BypassTooBigToStack => "bypass-too-big-to-stack",
             Stat::BypassUnsupportedToStack => "bypass-unsupported-to-stack",
         }

@@ -4,20 +4,29 @@
 //!   checksum offload and the outer UDP checksum are the kernel's, as with flannel.1.
 //! - [`redirect_via`]: out of an interface with a given next hop (host-gw).
 //! - [`deliver_to_pod`]: straight into a local pod (`bpf_redirect_peer`), bypass only.
+//! - [`bypass_fits`]: whether the bypass may redirect a packet at all (no VLAN tag in the
+//!   metadata, an IPv4 length that fits the frame, within the target's MTU); asked before
+//!   anything is rewritten, so what it refuses reaches the stack unchanged.
 //! - the stack-flow record ([`record_stack_flow`], [`stack_carries_reverse`]) that keeps the
 //!   bypass symmetric per flow.
 
 use aya_ebpf::{
-    bindings::{bpf_redir_neigh, bpf_redir_neigh__bindgen_ty_1, bpf_tunnel_key, TC_ACT_UNSPEC},
-    helpers::{bpf_ktime_get_ns, bpf_redirect_neigh, bpf_redirect_peer, bpf_skb_set_tunnel_key},
+    bindings::{
+        bpf_check_mtu_flags::BPF_MTU_CHK_SEGS, bpf_redir_neigh, bpf_redir_neigh__bindgen_ty_1, bpf_tunnel_key,
+        TC_ACT_UNSPEC,
+    },
+    helpers::{bpf_check_mtu, bpf_ktime_get_ns, bpf_redirect_neigh, bpf_redirect_peer, bpf_skb_set_tunnel_key},
     programs::TcContext,
 };
 use flannel_common::{endpoints::EndpointEntry, leases::LeaseEntry, node::NodeConfig, stats::Stat};
 
 use crate::{
     maps::{count, ENDPOINTS, STACK_FLOWS},
-    parse::{Flow, IP_CSUM_OFF, IP_TTL_OFF},
+    parse::{Flow, ETH_HLEN, IP_CSUM_OFF, IP_TTL_OFF},
 };
+
+/// Offset of the IPv4 total length.
+const IP_TOT_LEN_OFF: usize = ETH_HLEN + 2;
 
 const AF_INET: u32 = 2;
 /// `skb->mark` bit on frames the bypass redirects into the tunnel device or out of the
@@ -121,9 +130,64 @@ pub fn bypass_to_pod(ctx: &TcContext, node: &NodeConfig, flow: &Flow) -> Result<
         count(Stat::BypassToStack);
         return Ok(TC_ACT_UNSPEC);
     }
+    // The stack's limit on this hop is the pod's link (the host-side veth; the CNI gives
+    // both ends the same MTU).
+    if !bypass_fits(ctx, flow, endpoint.ifindex) {
+        return Ok(TC_ACT_UNSPEC);
+    }
     let verdict = deliver_to_pod(ctx, node, &endpoint)?;
     count(Stat::BypassDeliveredToPod);
     Ok(verdict)
+}
+
+/// Whether the bypass may redirect this packet out of (or, with `bpf_redirect_peer`, into the
+/// peer of) `ifindex`; false: it must go to the stack unchanged, which then does what IPv4
+/// forwarding does with it. Asked before any rewrite.
+/// - A VLAN tag the NIC stripped into the skb's metadata (`vlan_present`) would ride along on
+///   the redirect and leave tagged: the stack's (counted `BypassUnsupportedToStack`).
+/// - An IPv4 total length shorter than its header or longer than the frame (truncated; 0 is
+///   BIG TCP's on a packet over 64 KiB, IHL < 5 never gets here, `ipv4_flow` refuses it): the
+///   stack drops and counts it (`IPSTATS_MIB_INTRUNCATEDPKTS`, `inhdr_error`); not counted
+///   here, as a frame `ipv4_flow` cannot read is not.
+/// - Larger than `ifindex`'s MTU: the stack fragments it or, with DF, answers ICMP
+///   frag-needed, which path-MTU discovery needs (counted `BypassTooBigToStack`). A GSO
+///   packet fits when its segments do (`BPF_MTU_CHK_SEGS`: gso_size + headers ≤ MTU).
+///   `bpf_check_mtu` needs Linux ≥ 5.12 (the datapath needs 6.6 for TCX anyway); it reads the device's MTU at the time of the
+///   packet, so an MTU change needs no map update. A device that does not exist (an ifindex
+///   gone stale until the agent rewrites `fl_node_v3`) or any other error: the stack's too,
+///   counted `BypassUnsupportedToStack` — a redirect there would drop it silently.
+#[inline(always)]
+pub fn bypass_fits(ctx: &TcContext, flow: &Flow, ifindex: u32) -> bool {
+    // SAFETY: skb is the program's context.
+    if unsafe { (*ctx.skb.skb).vlan_present } != 0 {
+        count(Stat::BypassUnsupportedToStack);
+        return false;
+    }
+    let Ok(tot_len) = ctx.load::<u16>(IP_TOT_LEN_OFF) else { return false };
+    let tot_len = usize::from(u16::from_be(tot_len));
+    let frame_len = ctx.len() as usize;
+    // flow.l4 = ETH_HLEN + the IPv4 header's length. A total length of 0 on a packet over
+    // 64 KiB is an IPv4 BIG TCP GSO packet (the kernel's `iph_totlen`): its length is the skb's.
+    let big_tcp = tot_len == 0 && frame_len > ETH_HLEN + 0xffff;
+    if !big_tcp && (tot_len + ETH_HLEN < flow.l4 || tot_len + ETH_HLEN > frame_len) {
+        return false;
+    }
+    // In: 0 = measure the skb (skb->len, the Ethernet header included, against MTU + the
+    // device's hard_header_len); out: the MTU, unused.
+    let mut mtu_len: u32 = 0;
+    // SAFETY: mtu_len lives for the call; len_diff 0 as BPF_MTU_CHK_SEGS requires.
+    let ret = unsafe { bpf_check_mtu(ctx.skb.skb.cast(), ifindex, &mut mtu_len, 0, u64::from(BPF_MTU_CHK_SEGS)) };
+    match ret {
+        0 => true,
+        r if r > 0 => {
+            count(Stat::BypassTooBigToStack);
+            false
+        }
+        _ => {
+            count(Stat::BypassUnsupportedToStack);
+            false
+        }
+    }
 }
 
 /// Readdresses the frame to the pod (from the pod bridge's MAC, the pod's gateway) and moves

@@ -11,7 +11,7 @@ use flannel_common::{
     leases::{LeaseEntry, LEASES_MAX_ENTRIES},
     node::NodeConfig,
     peers::PEERS_MAX_ENTRIES,
-    snat::{SnatEntry, SnatKey, SNAT_MAX_ENTRIES},
+    snat::{InboundBudget, SnatEntry, SnatKey, SNAT_INBOUND_MAX_ENTRIES, SNAT_MAX_ENTRIES},
     stats::{Stat, STAT_SLOTS},
 };
 
@@ -30,6 +30,14 @@ pub static PEERS: HashMap<[u8; 4], u32, PEERS_MAX_ENTRIES> = HashMap::new();
 /// Masquerade translations, both halves of each (see `flannel_common::snat`).
 #[btf_map(name = "fl_snat_v1")]
 pub static SNAT: LruHashMap<SnatKey, SnatEntry, { SNAT_MAX_ENTRIES as usize }> = LruHashMap::new();
+
+/// Identity entries of flows outside hosts open to local pods (see `flannel_common::snat`).
+#[btf_map(name = "fl_snat_inbound_v1")]
+pub static SNAT_INBOUND: LruHashMap<SnatKey, SnatEntry, { SNAT_INBOUND_MAX_ENTRIES as usize }> = LruHashMap::new();
+
+/// Per-CPU budget of new identity entries in `SNAT_INBOUND`.
+#[btf_map(name = "fl_snat_budget_v1")]
+pub static SNAT_BUDGET: PerCpuArray<InboundBudget, 1> = PerCpuArray::new();
 
 /// Local pods: where `--netfilter-bypass` delivers their traffic (see `flannel_common::endpoints`).
 #[btf_map(name = "fl_endpoints_v1")]

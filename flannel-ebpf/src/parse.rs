@@ -65,22 +65,112 @@ pub fn is_ipv4(ctx: &TcContext) -> bool {
     matches!(ctx.load::<u16>(12), Ok(t) if u16::from_be(t) == ETH_P_IP)
 }
 
-/// The flow of an IPv4 frame; None for anything else or a header that does not fit.
+/// The fixed 20 bytes of an IPv4 header as read, before any check of them: enough for a
+/// program to decide on the addresses alone, without touching L4 (masquerade skips most
+/// packets this way), and to tell a malformed header from a sound one.
+#[derive(Clone, Copy)]
+pub struct Ipv4Header(pub [u8; 20]);
+
+/// Fragment offset bits of the IPv4 flags/offset field.
+const IP_OFFSET_MASK: u16 = 0x1fff;
+
+impl Ipv4Header {
+    #[inline(always)]
+    pub fn src(&self) -> [u8; 4] {
+        [self.0[12], self.0[13], self.0[14], self.0[15]]
+    }
+
+    #[inline(always)]
+    pub fn dst(&self) -> [u8; 4] {
+        [self.0[16], self.0[17], self.0[18], self.0[19]]
+    }
+
+    #[inline(always)]
+    pub fn proto(&self) -> u8 {
+        self.0[9]
+    }
+
+    /// Version 4 and IHL ≥ 5: the only headers [`ipv4_flow`] reads further.
+    #[inline(always)]
+    pub fn version_and_ihl_ok(&self) -> bool {
+        self.0[0] >> 4 == 4 && self.0[0] & 0x0f >= 5
+    }
+
+    /// A non-first fragment: no L4 header.
+    #[inline(always)]
+    pub fn later_fragment(&self) -> bool {
+        u16::from_be_bytes([self.0[6], self.0[7]]) & IP_OFFSET_MASK != 0
+    }
+
+    /// [`Self::version_and_ihl_ok`], and the total length covers the header and fits in the
+    /// `skb_len`-byte frame (Ethernet padding may follow it). A total length of 0 on a frame
+    /// over 64 KiB is IPv4 BIG TCP's GSO packet, as the kernel's `iph_totlen` reads it.
+    #[inline(always)]
+    pub fn sound(&self, skb_len: u32) -> bool {
+        if !self.version_and_ihl_ok() {
+            return false;
+        }
+        let ip_len = skb_len.saturating_sub(ETH_HLEN as u32);
+        let total = u32::from(u16::from_be_bytes([self.0[2], self.0[3]]));
+        if total == 0 {
+            return ip_len > 0xffff;
+        }
+        total >= u32::from(self.0[0] & 0x0f) * 4 && total <= ip_len
+    }
+}
+
+/// The IPv4 header of an Ethernet frame carrying IPv4, unchecked; None for anything else or
+/// a frame too short for 20 bytes of it.
 #[inline(always)]
-pub fn ipv4_flow(ctx: &TcContext) -> Option<Flow> {
+pub fn ipv4_header(ctx: &TcContext) -> Option<Ipv4Header> {
     if !is_ipv4(ctx) {
         return None;
     }
-    let ip: [u8; 20] = ctx.load(ETH_HLEN).ok()?;
-    if ip[0] >> 4 != 4 || ip[0] & 0x0f < 5 {
+    ctx.load(ETH_HLEN).ok().map(Ipv4Header)
+}
+
+/// [`ipv4_header`] read straight from the packet when the linear data holds the Ethernet and
+/// IPv4 headers, as it does for nearly every packet: no helper call, which is most of what
+/// deciding to skip a packet costs (masquerade sees every packet on the external interface).
+/// Headers beyond the linear data are copied by the helper as [`ipv4_header`] does.
+#[inline(always)]
+pub fn ipv4_header_fast(ctx: &TcContext) -> Option<Ipv4Header> {
+    let (data, end) = (ctx.data(), ctx.data_end());
+    if data + ETH_HLEN + 20 > end {
+        return ipv4_header(ctx);
+    }
+    // SAFETY: both reads lie within [data, data_end), checked just above (and by the verifier).
+    let (ethertype, header) = unsafe {
+        (
+            core::ptr::read_unaligned((data + 12) as *const [u8; 2]),
+            core::ptr::read_unaligned((data + ETH_HLEN) as *const [u8; 20]),
+        )
+    };
+    (u16::from_be_bytes(ethertype) == ETH_P_IP).then_some(Ipv4Header(header))
+}
+
+/// The flow of an IPv4 frame; None for anything else or a header that does not fit.
+#[inline(always)]
+pub fn ipv4_flow(ctx: &TcContext) -> Option<Flow> {
+    let header = ipv4_header(ctx)?;
+    if !header.version_and_ihl_ok() {
         return None;
     }
+    header_flow(ctx, &header)
+}
+
+/// The flow of a frame whose IPv4 header passed [`Ipv4Header::version_and_ihl_ok`]: the
+/// addresses, and the ports (ICMP: type and echo identifier) unless it is a later fragment;
+/// None when the L4 header they come from does not fit.
+#[inline(always)]
+pub fn header_flow(ctx: &TcContext, header: &Ipv4Header) -> Option<Flow> {
+    let ip = &header.0;
     let l4 = ETH_HLEN + usize::from(ip[0] & 0x0f) * 4;
     let proto = ip[9];
-    let later_fragment = u16::from_be_bytes([ip[6], ip[7]]) & 0x1fff != 0;
+    let later_fragment = header.later_fragment();
     let mut flow = Flow {
-        src: [ip[12], ip[13], ip[14], ip[15]],
-        dst: [ip[16], ip[17], ip[18], ip[19]],
+        src: header.src(),
+        dst: header.dst(),
         proto,
         l4,
         src_port: 0,

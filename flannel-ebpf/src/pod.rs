@@ -12,7 +12,9 @@
 //! Handed to the stack unchanged: frames for other pods on the bridge, traffic for anything
 //! but a remote lease (the node, ClusterIPs, outside), a source that is not this veth's pod
 //! (IP, MAC and veth must match its endpoint entry), and flows whose other direction the
-//! stack carried (see `flannel_common::flows`).
+//! stack carried (see `flannel_common::flows`), and what `forward::bypass_fits` refuses: a
+//! VLAN tag in the metadata, an IPv4 length beyond the frame, a packet over the MTU of the
+//! device it would leave through (so the stack fragments it or answers frag-needed).
 
 use aya_ebpf::{
     bindings::TC_ACT_UNSPEC, helpers::bpf_redirect, macros::classifier, maps::lpm_trie::Key, programs::TcContext,
@@ -20,7 +22,7 @@ use aya_ebpf::{
 use flannel_common::{leases::LeaseKind, stats::Stat};
 
 use crate::{
-    forward::{decrement_ttl, redirect_via, set_tunnel, stack_carries_reverse, BYPASS_MARK},
+    forward::{bypass_fits, decrement_ttl, redirect_via, set_tunnel, stack_carries_reverse, BYPASS_MARK},
     maps::{count, ENDPOINTS, LEASES, NODE},
     parse::ipv4_flow,
     tunnel::verdict,
@@ -61,6 +63,11 @@ fn pod_egress(ctx: &TcContext) -> Result<i32, Stat> {
     }
     if stack_carries_reverse(&flow) {
         count(Stat::BypassToStack);
+        return Ok(TC_ACT_UNSPEC);
+    }
+    // Nothing is rewritten before this: what it refuses reaches the stack as the pod sent it.
+    let target = if kind == Some(LeaseKind::HostGw) { node.ext_ifindex } else { node.tunnel_ifindex };
+    if !bypass_fits(ctx, &flow, target) {
         return Ok(TC_ACT_UNSPEC);
     }
     decrement_ttl(ctx)?;

@@ -6,18 +6,33 @@
 //!   a destination outside it (and not multicast) gets the node's address and a port from the
 //!   configured range. A new connection reserves its port by inserting the reply-side entry
 //!   with `BPF_NOEXIST` (the original port first when it is in range, then random candidates),
-//!   then the forward entry; both halves live in the LRU map `fl_snat_v1`.
+//!   then the forward entry, also with `BPF_NOEXIST`: when another CPU created the same
+//!   flow's mapping in between, the reserved reply half is released and the winner's mapping
+//!   used, so racing CPUs never leave an orphan port. Both halves live in the LRU `fl_snat_v1`.
 //! - `fl_snat_ingress` (TC ingress): a reply to one of those ports is translated back to the
-//!   pod before the stack routes it.
+//!   pod before the stack routes it, and so is an ICMP error (destination unreachable — PMTU
+//!   discovery's frag-needed — or time exceeded) about one: outer destination and the quoted
+//!   packet's source, with the outer IPv4, the ICMP and the quoted IPv4 header checksums.
+//!
+//! Fail closed: from the moment a packet is known to go from the cluster network to the
+//! outside (decided from the IPv4 addresses alone, before anything else is read — most
+//! packets on this interface, VXLAN included, stop there), it leaves translated or not at
+//! all. A malformed IPv4 header (IHL < 5, a total length beyond the frame, an L4 header that
+//! does not fit) is dropped as `drop-malformed`; a non-first fragment, which carries no
+//! ports, as `drop-snat-fragment` (no reassembly: a first fragment has the ports and is
+//! translated); mid-connection TCP without a translation (evicted, swept) as
+//! `drop-snat-no-mapping`. Everything else the programs do not translate passes unchanged.
 //!
 //! Like MASQUERADE, which only ever translates a connection's first packet, replies of
-//! connections that outside hosts open to pods (host-gw, NodePorts) must keep the pod's
-//! address: TCP mappings are only created by a SYN, and a UDP flow that arrives for a local
-//! pod from outside the cluster is recorded as an identity entry that egress leaves alone.
+//! connections that outside hosts open to pods (host-gw, direct routes) must keep the pod's
+//! address: TCP mappings are only created by a SYN, and a UDP flow or TCP SYN that arrives
+//! for a local pod from outside the cluster is recorded as an identity entry in
+//! `fl_snat_inbound_v1`, which egress leaves alone. That map is separate, so a flood of
+//! inbound tuples cannot evict translations, and each CPU may create only
+//! `SNAT_INBOUND_BUDGET` identity entries a second (beyond it: not recorded, counted).
 //!
 //! Both rewrite L3 and L4 checksums incrementally (pseudo-header included; a zero UDP
 //! checksum stays zero). A half the LRU evicted is restored from the other one and counted.
-//! Non-first IP fragments carry no ports and pass untranslated, as do ICMP errors.
 
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_NOEXIST, TC_ACT_SHOT, TC_ACT_UNSPEC},
@@ -27,19 +42,30 @@ use aya_ebpf::{
 };
 use flannel_common::{
     node::NodeConfig,
-    snat::{SnatEntry, SnatKey, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, SNAT_EGRESS, SNAT_FLAG_CLOSING, SNAT_INGRESS},
+    snat::{
+        SnatEntry, SnatKey, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, SNAT_EGRESS, SNAT_FLAG_CLOSING,
+        SNAT_INBOUND_BUDGET, SNAT_INBOUND_WINDOW_NS, SNAT_INGRESS,
+    },
     stats::Stat,
 };
 
 use crate::{
-    maps::{count, NODE, SNAT},
-    parse::{in_network, ipv4_flow, Flow, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF},
+    maps::{count, NODE, SNAT, SNAT_BUDGET, SNAT_INBOUND},
+    parse::{
+        header_flow, in_network, ipv4_header_fast, Flow, Ipv4Header, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, IP_CSUM_OFF,
+        IP_DST_OFF, IP_SRC_OFF,
+    },
 };
 
 const TCP_FIN: u8 = 0x01;
 const TCP_SYN: u8 = 0x02;
 const TCP_RST: u8 = 0x04;
 const TCP_ACK: u8 = 0x10;
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_TIME_EXCEEDED: u8 = 11;
+/// Where an ICMP error quotes the packet it is about: after type, code, checksum and the
+/// 4 bytes of "unused" / next-hop MTU.
+const ICMP_ERROR_QUOTE_OFF: usize = 8;
 /// Candidate ports tried for a new connection before giving up.
 const PORT_ATTEMPTS: u32 = 16;
 /// `last_seen_ns` is refreshed at most this often, to keep the hot path read-mostly.
@@ -86,18 +112,14 @@ impl Masquerade for Flow {
     }
 }
 
-/// The flow of an IPv4 TCP/UDP/ICMP-echo packet; None for anything masquerade leaves alone.
-/// `icmp_type` is the echo type expected in this direction.
+/// Whether masquerade translates this flow: TCP, UDP, and ICMP echo of the type expected in
+/// this direction (request out, reply in).
 #[inline(always)]
-fn parse(ctx: &TcContext, icmp_type: u8) -> Option<Flow> {
-    let flow = ipv4_flow(ctx)?;
-    if flow.later_fragment {
-        return None; // no ports to translate
-    }
+fn translatable(flow: &Flow, icmp_type: u8) -> bool {
     match flow.proto {
-        IPPROTO_TCP | IPPROTO_UDP => Some(flow),
-        IPPROTO_ICMP if flow.icmp_type == icmp_type => Some(flow),
-        _ => None,
+        IPPROTO_TCP | IPPROTO_UDP => true,
+        IPPROTO_ICMP => flow.icmp_type == icmp_type,
+        _ => false,
     }
 }
 
@@ -129,38 +151,84 @@ fn masquerading_node() -> Option<NodeConfig> {
     NODE.get(0).copied().filter(|node| node.snat != 0)
 }
 
+/// flannel's FLANNEL-POSTRTG decision: from the cluster network to outside it, never to
+/// multicast.
+#[inline(always)]
+fn leaves_the_cluster(header: &Ipv4Header, node: &NodeConfig) -> bool {
+    let dst = header.dst();
+    in_network(header.src(), node) && !in_network(dst, node) && dst[0] & 0xf0 != 0xe0
+}
+
+#[inline(always)]
+fn now_ns() -> u64 {
+    // SAFETY: helper without arguments.
+    unsafe { bpf_ktime_get_ns() }
+}
+
+/// Stores `now` as the entry's last use, at most once per [`REFRESH_NS`]; true if it did.
+#[inline(always)]
+fn refresh(entry: *mut SnatEntry, now: u64) -> bool {
+    // SAFETY: a map value pointer valid for this program run; racing writers only ever store
+    // a newer timestamp.
+    let entry = unsafe { &mut *entry };
+    if now.wrapping_sub(entry.last_seen_ns) > REFRESH_NS {
+        entry.last_seen_ns = now;
+        return true;
+    }
+    false
+}
+
 #[inline(always)]
 fn snat_egress(ctx: &TcContext) -> Result<(), Stat> {
     let Some(node) = masquerading_node() else { return Ok(()) };
-    let Some(flow) = parse(ctx, ICMP_ECHO_REQUEST) else { return Ok(()) };
-    // flannel's FLANNEL-POSTRTG: only cluster → outside, never to multicast.
-    if !in_network(flow.src, &node) || in_network(flow.dst, &node) || flow.dst[0] & 0xf0 == 0xe0 {
+    let Some(header) = ipv4_header_fast(ctx) else { return Ok(()) };
+    if !leaves_the_cluster(&header, &node) {
+        return Ok(());
+    }
+    // From here on the packet carries a pod address to the outside: translated or dropped.
+    if !header.sound(ctx.len()) {
+        return Err(Stat::DropMalformed);
+    }
+    if header.later_fragment() {
+        return Err(Stat::DropSnatFragment); // no ports: which translation is unknowable
+    }
+    let flow = header_flow(ctx, &header).ok_or(Stat::DropMalformed)?;
+    if !translatable(&flow, ICMP_ECHO_REQUEST) {
+        // Other protocols, echo replies and ICMP errors (answers to what outside hosts sent
+        // the pod) pass as before: MASQUERADE without conntrack's help cannot do better.
         return Ok(());
     }
     let key = flow.snat_key(SNAT_EGRESS);
-    // SAFETY: helper without arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = now_ns();
     let (nat_ip, nat_port) = match SNAT.get_ptr_mut(&key) {
         Some(entry) => {
-            // SAFETY: a map value pointer valid for this program run; racing writers only
-            // ever store a newer timestamp.
-            let entry = unsafe { &mut *entry };
-            if entry.to_ip == flow.src {
-                // A reply of a connection from outside to the pod (see fl_snat_ingress).
-                if now.wrapping_sub(entry.last_seen_ns) > REFRESH_NS {
-                    entry.last_seen_ns = now;
-                }
+            // SAFETY: as in `refresh`.
+            if unsafe { (*entry).to_ip } == flow.src {
+                // An identity entry an earlier version recorded in this map (now
+                // fl_snat_inbound_v1): a reply of a connection from outside to the pod.
+                refresh(entry, now);
                 return Ok(());
             }
-            if now.wrapping_sub(entry.last_seen_ns) > REFRESH_NS {
-                entry.last_seen_ns = now;
-                restore_reply_half(&flow, entry, now);
+            if refresh(entry, now) {
+                // SAFETY: as in `refresh`.
+                restore_reply_half(&flow, unsafe { &*entry }, now);
             }
+            // SAFETY: as in `refresh`.
+            let entry = unsafe { &mut *entry };
             note_closing(&flow, entry);
             (entry.to_ip, entry.to_port)
         }
-        None if !opens_connection(&flow) => return Ok(()),
-        None => new_mapping(&flow, &key, &node, now)?,
+        None => match SNAT_INBOUND.get_ptr_mut(&key) {
+            // A reply of a connection from outside to the pod: keeps the pod's address.
+            Some(identity) => {
+                refresh(identity, now);
+                return Ok(());
+            }
+            // Mid-connection TCP whose translation is gone: sending it would leak the pod's
+            // address, and the server would reset it anyway.
+            None if !opens_connection(&flow) => return Err(Stat::DropSnatNoMapping),
+            None => new_mapping(&flow, &key, &node, now)?,
+        },
     };
     rewrite(ctx, &flow, true, nat_ip, nat_port)?;
     count(Stat::SnatTranslated);
@@ -179,7 +247,7 @@ fn note_closing(flow: &Flow, entry: &mut SnatEntry) {
 /// the middle of a connection MASQUERADE never translated); any UDP datagram or echo request.
 #[inline(always)]
 fn opens_connection(flow: &Flow) -> bool {
-    flow.proto != IPPROTO_TCP || flow.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+    flow.proto != IPPROTO_TCP || flow.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN
 }
 
 /// The reply-side key for `flow` translated to `nat_ip:nat_port`.
@@ -201,7 +269,7 @@ fn restore_reply_half(flow: &Flow, forward: &SnatEntry, now: u64) {
 }
 
 /// Reserves a port for a new connection (the reply half with BPF_NOEXIST), then records the
-/// forward half. Returns the translated source.
+/// forward half, also with BPF_NOEXIST. Returns the translated source.
 #[inline(always)]
 fn new_mapping(flow: &Flow, key: &SnatKey, node: &NodeConfig, now: u64) -> Result<([u8; 4], u16), Stat> {
     let (min, max) = (u32::from(node.snat_port_min), u32::from(node.snat_port_max));
@@ -217,16 +285,23 @@ fn new_mapping(flow: &Flow, key: &SnatKey, node: &NodeConfig, now: u64) -> Resul
             (min + unsafe { bpf_get_prandom_u32() } % span) as u16
         };
         attempt += 1;
-        if SNAT.insert(&reply_key(flow, node.snat_ip, port), &back, BPF_NOEXIST as u64).is_err() {
+        let reserved = reply_key(flow, node.snat_ip, port);
+        if SNAT.insert(&reserved, &back, BPF_NOEXIST as u64).is_err() {
             continue;
         }
         let forward = SnatEntry { to_ip: node.snat_ip, to_port: port, flags: 0, last_seen_ns: now };
-        if SNAT.insert(key, &forward, 0).is_err() {
-            let _ = SNAT.remove(&reply_key(flow, node.snat_ip, port));
-            return Err(Stat::DropSnatNoPort);
+        if SNAT.insert(key, &forward, BPF_NOEXIST as u64).is_ok() {
+            count(Stat::SnatNewMapping);
+            return Ok((node.snat_ip, port));
         }
-        count(Stat::SnatNewMapping);
-        return Ok((node.snat_ip, port));
+        // Another CPU created this flow's mapping since our lookup: release the port we
+        // reserved (it would be an orphan nobody's packets use) and follow the winner.
+        let _ = SNAT.remove(&reserved);
+        // SAFETY: the value is copied out at once.
+        return match unsafe { SNAT.get(key) } {
+            Some(winner) => Ok((winner.to_ip, winner.to_port)),
+            None => Err(Stat::DropSnatNoPort),
+        };
     }
     Err(Stat::DropSnatNoPort)
 }
@@ -234,20 +309,35 @@ fn new_mapping(flow: &Flow, key: &SnatKey, node: &NodeConfig, now: u64) -> Resul
 #[inline(always)]
 fn snat_ingress(ctx: &TcContext) -> Result<(), Stat> {
     let Some(node) = masquerading_node() else { return Ok(()) };
-    let Some(flow) = parse(ctx, ICMP_ECHO_REPLY) else { return Ok(()) };
-    if flow.dst != node.snat_ip {
-        note_inbound_udp(&flow, &node);
+    let Some(header) = ipv4_header_fast(ctx) else { return Ok(()) };
+    if header.dst() != node.snat_ip {
+        // Only connections outside hosts open to local pods concern us here.
+        if in_network(header.dst(), &node) && !in_network(header.src(), &node) {
+            note_inbound(ctx, &header);
+        }
+        return Ok(());
+    }
+    // What masquerade cannot read is the stack's to judge: unchanged.
+    if !header.sound(ctx.len()) {
+        return Ok(());
+    }
+    let Some(flow) = header_flow(ctx, &header) else { return Ok(()) };
+    if flow.later_fragment {
+        return Ok(());
+    }
+    if flow.proto == IPPROTO_ICMP && matches!(flow.icmp_type, ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED) {
+        return icmp_error(ctx, &flow);
+    }
+    if !translatable(&flow, ICMP_ECHO_REPLY) {
         return Ok(());
     }
     let Some(entry) = SNAT.get_ptr_mut(&flow.snat_key(SNAT_INGRESS)) else { return Ok(()) };
-    // SAFETY: as in snat_egress.
-    let entry = unsafe { &mut *entry };
-    // SAFETY: helper without arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
-    if now.wrapping_sub(entry.last_seen_ns) > REFRESH_NS {
-        entry.last_seen_ns = now;
+    let now = now_ns();
+    if refresh(entry, now) {
+        // SAFETY: as in `refresh`.
+        let back = unsafe { &*entry };
         // The forward half, as the pod's next packet will look it up.
-        let forward_key = Flow { src: entry.to_ip, src_port: entry.to_port, ..flow.reversed() }.snat_key(SNAT_EGRESS);
+        let forward_key = Flow { src: back.to_ip, src_port: back.to_port, ..flow.reversed() }.snat_key(SNAT_EGRESS);
         if SNAT.get_ptr(&forward_key).is_none() {
             let forward = SnatEntry { to_ip: flow.dst, to_port: flow.dst_port, flags: 0, last_seen_ns: now };
             if SNAT.insert(&forward_key, &forward, BPF_NOEXIST as u64).is_ok() {
@@ -255,6 +345,8 @@ fn snat_ingress(ctx: &TcContext) -> Result<(), Stat> {
             }
         }
     }
+    // SAFETY: as in `refresh`.
+    let entry = unsafe { &mut *entry };
     note_closing(&flow, entry);
     let (pod_ip, pod_port) = (entry.to_ip, entry.to_port);
     rewrite(ctx, &flow, false, pod_ip, pod_port)?;
@@ -262,28 +354,108 @@ fn snat_ingress(ctx: &TcContext) -> Result<(), Stat> {
     Ok(())
 }
 
-/// A UDP flow from outside the cluster to a local pod: its replies must leave with the pod's
-/// address, so an identity entry is recorded under the reply's egress key.
+/// A UDP flow or TCP connection from outside the cluster to a local pod: its replies must
+/// leave with the pod's address, so an identity entry is recorded under the reply's egress
+/// key — within this CPU's budget for new ones. Later packets only refresh it.
 #[inline(always)]
-fn note_inbound_udp(flow: &Flow, node: &NodeConfig) {
-    if flow.proto != IPPROTO_UDP || in_network(flow.src, node) || !in_network(flow.dst, node) {
+fn note_inbound(ctx: &TcContext, header: &Ipv4Header) {
+    if !matches!(header.proto(), IPPROTO_UDP | IPPROTO_TCP) || !header.sound(ctx.len()) || header.later_fragment() {
         return;
     }
+    let Some(flow) = header_flow(ctx, header) else { return };
     let reply = flow.reversed().snat_key(SNAT_EGRESS);
-    // SAFETY: helper without arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
-    match SNAT.get_ptr_mut(&reply) {
-        // SAFETY: as in snat_egress.
-        Some(entry) => unsafe {
-            if now.wrapping_sub((*entry).last_seen_ns) > REFRESH_NS {
-                (*entry).last_seen_ns = now;
-            }
-        },
-        None => {
-            let identity = SnatEntry { to_ip: flow.dst, to_port: flow.dst_port, flags: 0, last_seen_ns: now };
-            let _ = SNAT.insert(&reply, &identity, BPF_NOEXIST as u64);
-        }
+    let now = now_ns();
+    if let Some(identity) = SNAT_INBOUND.get_ptr_mut(&reply) {
+        refresh(identity, now);
+        return;
     }
+    if flow.proto == IPPROTO_TCP && flow.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST) != TCP_SYN {
+        return; // a TCP connection is recorded by its SYN only
+    }
+    if !take_inbound_budget(now) {
+        count(Stat::SnatInboundOverBudget);
+        return;
+    }
+    let identity = SnatEntry { to_ip: flow.dst, to_port: flow.dst_port, flags: 0, last_seen_ns: now };
+    let _ = SNAT_INBOUND.insert(&reply, &identity, BPF_NOEXIST as u64);
+}
+
+/// Takes one of this CPU's [`SNAT_INBOUND_BUDGET`] new identity entries of the current
+/// window; false when they are used up.
+#[inline(always)]
+fn take_inbound_budget(now: u64) -> bool {
+    let Some(budget) = SNAT_BUDGET.get_ptr_mut(0) else { return false };
+    // SAFETY: per-CPU slot, only this CPU writes it, no preemption inside a program.
+    let budget = unsafe { &mut *budget };
+    if now.wrapping_sub(budget.window_start_ns) >= SNAT_INBOUND_WINDOW_NS {
+        budget.window_start_ns = now;
+        budget.used = 0;
+    }
+    if budget.used >= SNAT_INBOUND_BUDGET {
+        return false;
+    }
+    budget.used += 1;
+    true
+}
+
+/// An ICMP error for our address: if the packet it quotes is one we translated (source our
+/// address and a port we gave out), it is the pod's — outer destination and quoted source
+/// (address and port / echo identifier) go back to the pod's, with the outer IPv4 checksum,
+/// the quoted IPv4 header checksum and the ICMP checksum (which covers the quote) fixed
+/// incrementally. The quoted L4 checksum is left as it is, as RFC 5508 NATs do: the quote is
+/// usually truncated, so nobody can verify it, and the pod's stack matches errors to sockets
+/// by addresses and ports only. Anything else (the node's own traffic) passes unchanged.
+#[inline(always)]
+fn icmp_error(ctx: &TcContext, outer: &Flow) -> Result<(), Stat> {
+    let quote = outer.l4 + ICMP_ERROR_QUOTE_OFF;
+    let Ok(inner) = ctx.load::<[u8; 20]>(quote).map(Ipv4Header) else { return Ok(()) };
+    if !inner.version_and_ihl_ok() || inner.src() != outer.dst || inner.later_fragment() {
+        return Ok(());
+    }
+    let inner_l4 = quote + usize::from(inner.0[0] & 0x0f) * 4;
+    // ICMP errors quote at least 8 bytes of L4: TCP/UDP ports, or the echo header.
+    let Ok(l4) = ctx.load::<[u8; 8]>(inner_l4) else { return Ok(()) };
+    // The quoted packet's (source port, destination port) as a reply key names them, and where
+    // the translated one sits.
+    let (port_off, our_port, their_port) = match inner.proto() {
+        IPPROTO_TCP | IPPROTO_UDP => (inner_l4, u16::from_be_bytes([l4[0], l4[1]]), u16::from_be_bytes([l4[2], l4[3]])),
+        IPPROTO_ICMP if l4[0] == ICMP_ECHO_REQUEST => (inner_l4 + 4, u16::from_be_bytes([l4[4], l4[5]]), 0),
+        _ => return Ok(()),
+    };
+    // The quoted packet went from us to its destination: its reply half holds the pod.
+    let reply = SnatKey {
+        src_ip: inner.dst(),
+        dst_ip: inner.src(),
+        src_port: their_port,
+        dst_port: our_port,
+        proto: inner.proto(),
+        direction: SNAT_INGRESS,
+        _pad: [0; 2],
+    };
+    // SAFETY: the value is copied out at once.
+    let Some(&SnatEntry { to_ip: pod_ip, to_port: pod_port, .. }) = (unsafe { SNAT.get(&reply) }) else {
+        return Ok(());
+    };
+    let fail = |_| Stat::DropRewriteFailed;
+    let (ours32, pod32) = (u32::from_ne_bytes(outer.dst) as u64, u32::from_ne_bytes(pod_ip) as u64);
+    // Outer destination: the IPv4 header checksum only (ICMP has no pseudo-header).
+    ctx.l3_csum_replace(IP_CSUM_OFF, ours32, pod32, 4).map_err(fail)?;
+    ctx.store(IP_DST_OFF, &pod_ip, 0).map_err(fail)?;
+    // Quoted source address: its header checksum, then both changes into the ICMP checksum.
+    let icmp_csum = outer.l4 + 2;
+    let inner_csum = quote + 10;
+    let old_inner_sum = ctx.load::<u16>(inner_csum).map_err(fail)?;
+    ctx.l3_csum_replace(inner_csum, ours32, pod32, 4).map_err(fail)?;
+    let new_inner_sum = ctx.load::<u16>(inner_csum).map_err(fail)?;
+    ctx.l4_csum_replace(icmp_csum, ours32, pod32, 4).map_err(fail)?;
+    ctx.l4_csum_replace(icmp_csum, u64::from(old_inner_sum), u64::from(new_inner_sum), 2).map_err(fail)?;
+    ctx.store(quote + 12, &pod_ip, 0).map_err(fail)?;
+    // Quoted source port / echo identifier.
+    let (old_port, new_port) = (u64::from(our_port.to_be()), u64::from(pod_port.to_be()));
+    ctx.l4_csum_replace(icmp_csum, old_port, new_port, 2).map_err(fail)?;
+    ctx.store(port_off, &pod_port.to_be_bytes(), 0).map_err(fail)?;
+    count(Stat::SnatIcmpErrorTranslated);
+    Ok(())
 }
 
 /// Rewrites the source (egress) or destination (ingress) address and port, fixing the IPv4

@@ -1,7 +1,9 @@
 //! The external interface with host-gw and `--netfilter-bypass` (the tunnel device plays this
 //! part for vxlan):
 //! - `fl_underlay_ingress` (TC ingress): IPv4 from a remote host-gw subnet to a known local
-//!   pod goes straight into the pod, unless the stack carried the flow's other direction.
+//!   pod goes straight into the pod, unless the stack carried the flow's other direction or
+//!   `forward::bypass_fits` refuses it (a VLAN tag the NIC stripped into the metadata, an
+//!   IPv4 length beyond the frame, over the pod veth's MTU: counted, see there).
 //!   Everything else continues to the stack (or to `fl_snat_ingress`) untouched.
 //! - `fl_underlay_egress` (TC egress): records the flows the stack sends to host-gw peers
 //!   (their replies must come back through the stack); the bypass's own frames carry

@@ -528,6 +528,16 @@ fn program_costs(runs: u32) -> Result<Vec<(&'static str, usize, f64)>> {
     // so that every measured run finds it.
     cost(snat, &to_outside, 1, TC_ACT_NEXT, &nat_stats, Some(Stat::SnatNewMapping as u32))
         .context("fl_snat_egress: creating the masquerade translation")?;
+    // And one whose port the reply row knows: the pod's own 20000 is in range and free, so
+    // the translation keeps it.
+    let (node, server) = (Ipv4Addr::new(192, 0, 2, 10), Ipv4Addr::new(203, 0, 113, 10));
+    let kept_port = packet::tcp4_flags(pod, server, 20000, 443, packet::TCP_SYN, &[0; 52]);
+    cost(snat, &kept_port, 1, TC_ACT_NEXT, &nat_stats, Some(Stat::SnatNewMapping as u32))
+        .context("fl_snat_egress: creating the translation the reply row uses")?;
+    let snat_in = classifier(&nat, "fl_snat_ingress")?;
+    // What the node sends to a vxlan peer also leaves through the external interface.
+    let inner = packet::udp4(ebpf_node::POD_MAC, ebpf_node::BRIDGE_MAC, pod, remote_pod, 40000, 5201, &[0; 64]);
+    let vxlan_peer = Ipv4Addr::new(192, 0, 2, 12);
     cases.extend([
         Case {
             name: "TC fl_snat_egress: translate (pod → outside, existing translation)",
@@ -544,6 +554,30 @@ fn program_costs(runs: u32) -> Result<Vec<(&'static str, usize, f64)>> {
             program: snat,
             stats: &nat_stats,
             frame: packet::tcp4(pod, Ipv4Addr::new(10, 244, 9, 9), 40000, 443, &[0; 52]),
+            retval: TC_ACT_NEXT,
+            stat_slot: None,
+        },
+        Case {
+            name: "TC fl_snat_egress: skip (node → vxlan peer, decided from the IPv4 header)",
+            program: snat,
+            stats: &nat_stats,
+            frame: packet::vxlan4(node, vxlan_peer, 40000, 8472, ebpf_node::VNI, &inner),
+            retval: TC_ACT_NEXT,
+            stat_slot: None,
+        },
+        Case {
+            name: "TC fl_snat_ingress: translate back (reply → pod)",
+            program: snat_in,
+            stats: &nat_stats,
+            frame: packet::tcp4(server, node, 443, 20000, &[0; 52]),
+            retval: TC_ACT_NEXT,
+            stat_slot: Some(Stat::SnatReplyTranslated as u32),
+        },
+        Case {
+            name: "TC fl_snat_ingress: skip (vxlan from a peer: no translation owns it)",
+            program: snat_in,
+            stats: &nat_stats,
+            frame: packet::vxlan4(vxlan_peer, node, 40000, 8472, ebpf_node::VNI, &inner),
             retval: TC_ACT_NEXT,
             stat_slot: None,
         },

@@ -4,8 +4,14 @@
 //! (`fl_tunnel_ingress`: fails closed without tunnel metadata, which BPF_PROG_TEST_RUN frames
 //! never carry); the bypass (`fl_pod_egress`, `fl_underlay_ingress`) with byte-exact
 //! rewrites, marks, TTL handling and the hand-back to the stack of flows it carried; the
-//! stack-flow recorders (`fl_underlay_egress`, `fl_bridge_egress`). Every test checks the
-//! verdict, the output bytes, `skb->mark` and the exact change of every `fl_stats_v1` slot.
+//! stack-flow recorders (`fl_underlay_egress`, `fl_bridge_egress`); what the bypass hands to
+//! the stack unchanged (over the target device's MTU, GSO by its segments, a device gone, a
+//! stripped VLAN tag, IPv4 lengths beyond the frame). Every test checks the verdict, the
+//! output bytes, `skb->mark` and the exact change of every `fl_stats_v1` slot. The programs
+//! run inside a namespace with a device at each of the fixture's interface indexes
+//! (`ebpf_node::node_netns`), as `bpf_check_mtu` looks them up; a VLAN tag and a GSO packet
+//! with a transport header cannot be fed through BPF_PROG_TEST_RUN, so those tests send real
+//! frames through a veth with the program attached.
 //!
 //! Then properties (proptest): random bytes, mutated frames (random IHL, version, fragment
 //! field, ethertype, TTL, MACs, addresses, protocols, truncation) and valid frames cut at
@@ -27,13 +33,13 @@ use flannel_common::{
     stats::STAT_SLOTS,
     FlowKey, LeaseKind, SnatEntry, SnatKey, Stat, SNAT_MAP, STACK_FLOWS_MAP, STATS_MAP,
 };
-use flannel_tests::{packet, require_root};
+use flannel_tests::{packet, require_root, NetNs};
 
 #[path = "support/ebpf_node.rs"]
 mod ebpf_node;
 use ebpf_node::{
-    node_object_with, set_node, NodeSetup, BRIDGE_MAC, HOST_GW_PEER, POD, POD2, POD2_IFINDEX, POD2_MAC, POD_IFINDEX,
-    POD_MAC,
+    node_netns, node_object_with, set_node, NodeSetup, BRIDGE_MAC, EXT_MTU, HOST_GW_PEER, POD, POD2, POD2_IFINDEX,
+    POD2_MAC, POD2_MTU, POD_IFINDEX, POD_MAC, TUNNEL_MTU,
 };
 
 /// TC_ACT_UNSPEC (-1): TCX runs the next program, then the stack takes the packet.
@@ -60,9 +66,15 @@ const MULTICAST: Ipv4Addr = Ipv4Addr::new(239, 1, 2, 3);
 /// destination that is not the bridge's.
 const ZERO_MAC: [u8; 6] = [0; 6];
 const OTHER_MAC: [u8; 6] = [0x0a, 0, 0, 0, 0, 0x77];
-/// `struct __sk_buff` as BPF_PROG_TEST_RUN takes and returns it: `mark` at offset 8; the
-/// output buffer is larger than the struct (the kernel writes its own size).
+/// `struct __sk_buff` as BPF_PROG_TEST_RUN takes and returns it: `mark` at offset 8,
+/// `vlan_present` 20, `vlan_tci` 24, `gso_segs` 164, `gso_size` 176 (of 192); the output
+/// buffer is larger than the struct (the kernel writes its own size).
 const SKB_MARK_OFF: usize = 8;
+const SKB_VLAN_PRESENT_OFF: usize = 20;
+const SKB_VLAN_TCI_OFF: usize = 24;
+const SKB_GSO_SEGS_OFF: usize = 164;
+const SKB_GSO_SIZE_OFF: usize = 176;
+const SKB_LEN: usize = 192;
 const SKB_CTX_OUT_LEN: usize = 256;
 const ETH_HLEN: usize = packet::ETH_HLEN;
 const IP_TTL_OFF: usize = ETH_HLEN + 8;
@@ -80,10 +92,12 @@ struct Run {
 
 type Counters = [u64; STAT_SLOTS as usize];
 
-/// Our node (192.0.2.11, subnet 10.244.1.0/24) as `ebpf_node::node_object_with` sets it up.
+/// Our node (192.0.2.11, subnet 10.244.1.0/24) as `ebpf_node::node_object_with` sets it up,
+/// its programs run inside a namespace with the fixture's devices (`ebpf_node::node_netns`).
 struct Node {
     ebpf: Ebpf,
     setup: NodeSetup,
+    ns: NetNs,
 }
 
 impl Node {
@@ -94,7 +108,14 @@ impl Node {
 
     fn with(setup: NodeSetup) -> Node {
         require_root().unwrap();
-        Node { ebpf: node_object_with(&setup).unwrap(), setup }
+        Node { ebpf: node_object_with(&setup).unwrap(), setup, ns: node_netns("bpf-fwd").unwrap() }
+    }
+
+    /// Rewrites `fl_node_v3` with `change` applied to the setup's entry.
+    fn set_config(&mut self, change: impl FnOnce(&mut flannel_common::NodeConfig)) {
+        let mut config = self.setup.config();
+        change(&mut config);
+        set_node(&mut self.ebpf, config).unwrap();
     }
 
     fn set_bypass(&mut self, bypass: bool) {
@@ -121,23 +142,22 @@ impl Node {
         mark: u32,
         repeat: u32,
     ) -> Result<Run, aya::programs::ProgramError> {
-        let program: &SchedClassifier = self.ebpf.program(program).expect("program").try_into().expect("classifier");
         let mut ctx_in = [0u8; SKB_MARK_OFF + 4];
         ctx_in[SKB_MARK_OFF..].copy_from_slice(&mark.to_ne_bytes());
-        let mut ctx_out = [0u8; SKB_CTX_OUT_LEN];
-        let mut out = vec![0u8; frame.len() + 64];
-        let opts = TestRunOptions {
-            data_in: Some(frame),
-            data_out: Some(&mut out),
-            ctx_in: Some(&ctx_in),
-            ctx_out: Some(&mut ctx_out),
-            repeat,
-            ..Default::default()
-        };
-        let result = program.test_run(opts)?;
-        out.truncate(result.data_size_out as usize);
-        let mark = u32::from_ne_bytes(ctx_out[SKB_MARK_OFF..SKB_MARK_OFF + 4].try_into().unwrap());
-        Ok(Run { verdict: result.return_value, out, mark })
+        self.run_ctx(program, frame, &ctx_in, repeat)
+    }
+
+    /// `program` on `frame` with `ctx_in` as the `struct __sk_buff` it starts from, inside
+    /// the node's namespace.
+    fn run_ctx(
+        &self,
+        program: &str,
+        frame: &[u8],
+        ctx_in: &[u8],
+        repeat: u32,
+    ) -> Result<Run, aya::programs::ProgramError> {
+        let program: &SchedClassifier = self.ebpf.program(program).expect("program").try_into().expect("classifier");
+        self.ns.run_in(|| test_run(program, frame, ctx_in, repeat)).expect("entering the node's namespace")
     }
 
     /// Every slot of `fl_stats_v1`, summed over the CPUs.
@@ -181,6 +201,29 @@ impl Node {
             map.remove(&key).unwrap();
         }
     }
+}
+
+/// One BPF_PROG_TEST_RUN of `program` in the calling thread's namespace.
+fn test_run(
+    program: &SchedClassifier,
+    frame: &[u8],
+    ctx_in: &[u8],
+    repeat: u32,
+) -> Result<Run, aya::programs::ProgramError> {
+    let mut ctx_out = [0u8; SKB_CTX_OUT_LEN];
+    let mut out = vec![0u8; frame.len() + 64];
+    let opts = TestRunOptions {
+        data_in: Some(frame),
+        data_out: Some(&mut out),
+        ctx_in: Some(ctx_in),
+        ctx_out: Some(&mut ctx_out),
+        repeat,
+        ..Default::default()
+    };
+    let result = program.test_run(opts)?;
+    out.truncate(result.data_size_out as usize);
+    let mark = u32::from_ne_bytes(ctx_out[SKB_MARK_OFF..SKB_MARK_OFF + 4].try_into().unwrap());
+    Ok(Run { verdict: result.return_value, out, mark })
 }
 
 /// The counters that moved between `before` and `after`, by name, in slot order.
@@ -664,6 +707,354 @@ fn underlay_ingress_leaves_everything_else_to_the_stack() {
     assert_counted(&node, &before, &[]);
 }
 
+// ---- What the bypass leaves to the stack: MTU, VLAN, IPv4 lengths --------------------------
+
+/// `frame` (IPv4) grown or cut to `len` bytes (zeros appended), its IPv4 total length (and a
+/// UDP length) set to match, DF set or clear, the checksum valid.
+fn sized(frame: &[u8], len: usize, df: bool) -> Vec<u8> {
+    let mut f = frame.to_vec();
+    f.resize(len, 0);
+    let ip_len = (len - ETH_HLEN) as u16;
+    f[ETH_HLEN + 2..ETH_HLEN + 4].copy_from_slice(&ip_len.to_be_bytes());
+    let frag: u16 = if df { 0x4000 } else { 0 };
+    f[ETH_HLEN + 6..ETH_HLEN + 8].copy_from_slice(&frag.to_be_bytes());
+    if f[ETH_HLEN + 9] == IPPROTO_UDP {
+        let udp_len = ip_len - packet::IPV4_HLEN as u16;
+        let at = ETH_HLEN + packet::IPV4_HLEN + 4;
+        f[at..at + 2].copy_from_slice(&udp_len.to_be_bytes());
+    }
+    set_ipv4_checksum(&mut f);
+    f
+}
+
+/// `frame` with its IPv4 total length set to `ip_len` (the checksum kept valid).
+fn with_ip_len(frame: &[u8], ip_len: u16) -> Vec<u8> {
+    let mut f = frame.to_vec();
+    f[ETH_HLEN + 2..ETH_HLEN + 4].copy_from_slice(&ip_len.to_be_bytes());
+    set_ipv4_checksum(&mut f);
+    f
+}
+
+/// The context of a run with `skb->gso_size` and `gso_segs` set (a GSO packet).
+fn gso_ctx(gso_size: u32, gso_segs: u32) -> [u8; SKB_LEN] {
+    let mut ctx = [0u8; SKB_LEN];
+    ctx[SKB_GSO_SEGS_OFF..SKB_GSO_SEGS_OFF + 4].copy_from_slice(&gso_segs.to_ne_bytes());
+    ctx[SKB_GSO_SIZE_OFF..SKB_GSO_SIZE_OFF + 4].copy_from_slice(&gso_size.to_ne_bytes());
+    ctx
+}
+
+#[test]
+fn pod_egress_hands_packets_over_the_path_mtu_to_the_stack_unchanged() {
+    // The path's limit is the MTU of the device the bypass would redirect to: the tunnel
+    // device (vxlan) or the external interface (host-gw). Over it, the stack must have the
+    // packet as the pod sent it, to fragment it or (DF) answer ICMP frag-needed.
+    let node = Node::new(true);
+    let tcp = from_pod(&packet::tcp4_flags(POD, VXLAN_POD, 40000, 443, packet::TCP_PSH_ACK, b""));
+    let tcp_host_gw = from_pod(&packet::tcp4_flags(POD, HOST_GW_POD, 40000, 443, packet::TCP_PSH_ACK, b""));
+    for (dst_frames, mtu, path) in [
+        ([pod_udp(VXLAN_POD), tcp], TUNNEL_MTU, Stat::Encapsulated),
+        ([pod_udp(HOST_GW_POD), tcp_host_gw], EXT_MTU, Stat::HostGwForwarded),
+    ] {
+        for base in &dst_frames {
+            for df in [true, false] {
+                let limit = ETH_HLEN + mtu as usize;
+                let fits = sized(base, limit, df);
+                let before = node.counters();
+                let run = node.run("fl_pod_egress", &fits);
+                assert_eq!(run.verdict, TC_ACT_REDIRECT, "{} bytes, MTU {mtu}", fits.len());
+                assert_counted(&node, &before, &[(Stat::BypassForwarded, 1), (path, 1)]);
+                for len in [limit + 1, limit + 100, 3000] {
+                    let too_big = sized(base, len, df);
+                    let before = node.counters();
+                    let run = node.run("fl_pod_egress", &too_big);
+                    assert_eq!(run, Run { verdict: TC_ACT_NEXT, out: too_big, mark: 0 }, "{len} bytes, MTU {mtu}");
+                    assert_counted(&node, &before, &[(Stat::BypassTooBigToStack, 1)]);
+                }
+            }
+        }
+    }
+    // Too big at TTL 1: the stack's as well (it answers time-exceeded), not dropped here.
+    let too_big = with_ttl(&sized(&pod_udp(VXLAN_POD), 2000, true), 1);
+    let before = node.counters();
+    assert_eq!(node.run("fl_pod_egress", &too_big), Run { verdict: TC_ACT_NEXT, out: too_big.clone(), mark: 0 });
+    assert_counted(&node, &before, &[(Stat::BypassTooBigToStack, 1)]);
+}
+
+#[test]
+fn pod_egress_hands_a_gso_packet_it_cannot_measure_to_the_stack() {
+    // bpf_check_mtu measures a GSO packet by its segments (BPF_MTU_CHK_SEGS), which needs a
+    // transport header; BPF_PROG_TEST_RUN sets none, so the helper refuses (-EINVAL, kernels
+    // with the syzbot fix) and the bypass hands the packet to the stack, unchanged, whatever
+    // its gso_size. Real GSO packets (whose segments are checked) are sent in
+    // `bypass_forwards_gso_packets_whose_segments_fit`.
+    let node = Node::new(true);
+    let frame = sized(&from_pod(&packet::tcp4_flags(POD, VXLAN_POD, 40000, 443, packet::TCP_PSH_ACK, b"")), 3000, true);
+    for gso_size in [1000, TUNNEL_MTU + 100] {
+        let before = node.counters();
+        let run = node.run_ctx("fl_pod_egress", &frame, &gso_ctx(gso_size, 3), 1).unwrap();
+        assert_eq!(run, Run { verdict: TC_ACT_NEXT, out: frame.clone(), mark: 0 }, "gso_size {gso_size}");
+        assert_counted(&node, &before, &[(Stat::BypassUnsupportedToStack, 1)]);
+    }
+    // Not GSO and within the MTU: forwarded (the context alone changes nothing).
+    let small = sized(&frame, 1000, true);
+    assert_eq!(node.run_ctx("fl_pod_egress", &small, &gso_ctx(0, 0), 1).unwrap().verdict, TC_ACT_REDIRECT);
+}
+
+#[test]
+fn underlay_ingress_hands_packets_over_the_pods_mtu_to_the_stack_unchanged() {
+    // Delivery into a pod: the limit is its veth's MTU (POD2's is 1450; POD's "veth", the
+    // loopback device, 65536).
+    let node = Node::new(true);
+    let limit = ETH_HLEN + POD2_MTU as usize;
+    for df in [true, false] {
+        let fits = sized(&from_host_gw_pod(POD2), limit, df);
+        let before = node.counters();
+        assert_eq!(node.run("fl_underlay_ingress", &fits).verdict, TC_ACT_REDIRECT);
+        assert_counted(&node, &before, &[(Stat::BypassDeliveredToPod, 1)]);
+        let too_big = sized(&from_host_gw_pod(POD2), limit + 1, df);
+        let before = node.counters();
+        assert_eq!(node.run("fl_underlay_ingress", &too_big), Run { verdict: TC_ACT_NEXT, out: too_big, mark: 0 });
+        assert_counted(&node, &before, &[(Stat::BypassTooBigToStack, 1)]);
+        let to_pod = sized(&from_host_gw_pod(POD), limit + 1, df);
+        let before = node.counters();
+        assert_eq!(node.run("fl_underlay_ingress", &to_pod).verdict, TC_ACT_REDIRECT);
+        assert_counted(&node, &before, &[(Stat::BypassDeliveredToPod, 1)]);
+    }
+}
+
+#[test]
+fn bypass_hands_packets_for_a_device_that_is_gone_to_the_stack() {
+    // An interface index no device holds (stale until the agent rewrites fl_node_v3): a
+    // redirect there would drop the packet silently; the stack routes it instead.
+    let mut node = Node::new(true);
+    node.set_config(|config| {
+        config.tunnel_ifindex = 99;
+        config.ext_ifindex = 98;
+    });
+    for frame in [pod_udp(VXLAN_POD), pod_udp(HOST_GW_POD)] {
+        let before = node.counters();
+        assert_eq!(node.run("fl_pod_egress", &frame), Run { verdict: TC_ACT_NEXT, out: frame.clone(), mark: 0 });
+        assert_counted(&node, &before, &[(Stat::BypassUnsupportedToStack, 1)]);
+    }
+}
+
+#[test]
+fn bypass_hands_ipv4_lengths_that_do_not_fit_the_frame_to_the_stack_unchanged() {
+    // Truncated (total length beyond the frame) or shorter than the IPv4 header: the stack
+    // drops and counts it; the bypass forwards neither. Padding after the packet (a
+    // minimum-size Ethernet frame) is no reason to refuse.
+    let node = Node::new(true);
+    for (program, frame) in [("fl_pod_egress", pod_udp(VXLAN_POD)), ("fl_underlay_ingress", from_host_gw_pod(POD))] {
+        let ip_len = (frame.len() - ETH_HLEN) as u16;
+        let truncated = sized(&frame, frame.len() + 10, false)[..frame.len()].to_vec();
+        for bad in [
+            with_ip_len(&frame, ip_len + 1),
+            with_ip_len(&frame, 0xffff),
+            with_ip_len(&frame, 19),
+            with_ip_len(&frame, 0),
+            truncated,
+        ] {
+            let before = node.counters();
+            assert_eq!(node.run(program, &bad), Run { verdict: TC_ACT_NEXT, out: bad.clone(), mark: 0 }, "{program}");
+            assert_counted(&node, &before, &[]);
+        }
+        let mut padded = frame.clone();
+        padded.resize(frame.len() + 18, 0);
+        assert_eq!(node.run(program, &padded).verdict, TC_ACT_REDIRECT, "{program}: padded");
+        assert_eq!(node.run(program, &with_ip_len(&frame, 20 + 8)).verdict, TC_ACT_REDIRECT, "{program}");
+    }
+}
+
+#[test]
+fn test_run_takes_no_vlan_tag_in_the_context() {
+    // BPF_PROG_TEST_RUN (net/bpf/test_run.c, convert___skb_to_skb) requires the fields
+    // between `mark` and `priority` to be zero, vlan_present and vlan_tci among them: a
+    // stripped VLAN tag cannot be fed to a program this way. The VLAN regression test
+    // therefore sends real frames (below).
+    let node = Node::new(true);
+    let mut ctx = [0u8; SKB_LEN];
+    ctx[SKB_VLAN_PRESENT_OFF..SKB_VLAN_PRESENT_OFF + 4].copy_from_slice(&1u32.to_ne_bytes());
+    ctx[SKB_VLAN_TCI_OFF..SKB_VLAN_TCI_OFF + 4].copy_from_slice(&100u32.to_ne_bytes());
+    assert!(node.run_ctx("fl_pod_egress", &pod_udp(VXLAN_POD), &ctx, 1).is_err());
+    // The rest of a zeroed context is taken.
+    assert_eq!(
+        node.run_ctx("fl_pod_egress", &pod_udp(VXLAN_POD), &[0u8; SKB_LEN], 1).unwrap().verdict,
+        TC_ACT_REDIRECT
+    );
+}
+
+/// Sends `frame` (Ethernet header included) out of `interface` through an AF_PACKET socket,
+/// in the calling thread's namespace.
+fn send_raw(interface: &str, frame: &[u8]) -> std::io::Result<()> {
+    send_raw_with(interface, frame, None)
+}
+
+/// `struct virtio_net_hdr` for a TCP/IPv4 GSO packet of `frame` (options-free headers):
+/// segments of `gso_size`, TCP checksum to be completed.
+fn tcp4_gso_header(gso_size: u16) -> [u8; 10] {
+    let mut h = [0u8; 10];
+    h[0] = 1; // VIRTIO_NET_HDR_F_NEEDS_CSUM
+    h[1] = 1; // VIRTIO_NET_HDR_GSO_TCPV4
+    let hdr_len = (ETH_HLEN + 2 * packet::IPV4_HLEN) as u16;
+    h[2..4].copy_from_slice(&hdr_len.to_ne_bytes());
+    h[4..6].copy_from_slice(&gso_size.to_ne_bytes());
+    h[6..8].copy_from_slice(&((ETH_HLEN + packet::IPV4_HLEN) as u16).to_ne_bytes()); // csum_start
+    h[8..10].copy_from_slice(&16u16.to_ne_bytes()); // csum_offset: the TCP checksum
+    h
+}
+
+/// As [`send_raw`], with a `virtio_net_hdr` (PACKET_VNET_HDR) in front: a GSO packet.
+fn send_raw_with(interface: &str, frame: &[u8], vnet: Option<[u8; 10]>) -> std::io::Result<()> {
+    let mut data = vnet.map(|h| h.to_vec()).unwrap_or_default();
+    data.extend_from_slice(frame);
+    let name = std::ffi::CString::new(interface).unwrap();
+    // SAFETY: plain libc calls on a socket owned here; the address and buffer outlive them.
+    unsafe {
+        let ifindex = libc::if_nametoindex(name.as_ptr());
+        if ifindex == 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let on: libc::c_int = 1;
+        if vnet.is_some()
+            && libc::setsockopt(
+                fd,
+                libc::SOL_PACKET,
+                libc::PACKET_VNET_HDR,
+                (&on as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as u32,
+            ) != 0
+        {
+            let error = std::io::Error::last_os_error();
+            libc::close(fd);
+            return Err(error);
+        }
+        let mut address: libc::sockaddr_ll = std::mem::zeroed();
+        address.sll_family = libc::AF_PACKET as u16;
+        address.sll_ifindex = ifindex as i32;
+        address.sll_halen = 6;
+        address.sll_addr[..6].copy_from_slice(&frame[..6]);
+        let sent = libc::sendto(
+            fd,
+            data.as_ptr().cast(),
+            data.len(),
+            0,
+            (&address as *const libc::sockaddr_ll).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as u32,
+        );
+        let error = std::io::Error::last_os_error();
+        libc::close(fd);
+        if sent < 0 {
+            return Err(error);
+        }
+    }
+    Ok(())
+}
+
+/// `frame` with an 802.1Q tag (VLAN `id`) after its MACs.
+fn vlan_tagged(frame: &[u8], id: u16) -> Vec<u8> {
+    let mut f = frame[..12].to_vec();
+    f.extend_from_slice(&0x8100u16.to_be_bytes());
+    f.extend_from_slice(&id.to_be_bytes());
+    f.extend_from_slice(&frame[12..]);
+    f
+}
+
+/// Waits (up to 5 s) until exactly the `expected` counters moved since `before`.
+#[track_caller]
+fn await_counted(node: &Node, before: &Counters, expected: &[(Stat, u64)]) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while moved(before, &node.counters()) != named(expected) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert_counted(node, before, expected);
+}
+
+#[test]
+fn bypass_hands_frames_with_a_stripped_vlan_tag_to_the_stack() {
+    // A tag the NIC moved into the skb's metadata would ride along on the redirect. The
+    // kernel's receive path does the same to an in-band tag before TC ingress
+    // (`skb_vlan_untag` in `__netif_receive_skb_core`): a tagged frame sent into one end of a
+    // veth reaches the other end's TC ingress untagged, with vlan_present set. Each program
+    // on the receiving end, with the frame untagged and tagged.
+    let mut node = Node::new(true);
+    let ns = &node.ns;
+    ns.ip(&["link", "add", "vl-a", "index", "20", "type", "veth", "peer", "name", "vl-b", "index", "21"]).unwrap();
+    for dev in ["vl-a", "vl-b"] {
+        ns.ip(&["link", "set", dev, "up"]).unwrap();
+    }
+    // fl_pod_egress: vl-b is the pod's veth.
+    let mut endpoints: HashMap<_, [u8; 4], flannel_common::EndpointEntry> =
+        HashMap::try_from(node.ebpf.map_mut(flannel_common::ENDPOINTS_MAP).unwrap()).unwrap();
+    endpoints
+        .insert(POD.octets(), flannel_common::EndpointEntry { ifindex: 21, mac: POD_MAC, _pad: [0; 2] }, 0)
+        .unwrap();
+    for (program, frame, forwarded) in [
+        ("fl_underlay_ingress", from_host_gw_pod(POD2), vec![(Stat::BypassDeliveredToPod, 1)]),
+        ("fl_pod_egress", pod_udp(VXLAN_POD), vec![(Stat::BypassForwarded, 1), (Stat::Encapsulated, 1)]),
+    ] {
+        let ns = &node.ns;
+        let classifier: &mut SchedClassifier = node.ebpf.program_mut(program).unwrap().try_into().unwrap();
+        let link = ns.run_in(|| classifier.attach("vl-b", aya::programs::TcAttachType::Ingress)).unwrap().unwrap();
+        let before = node.counters();
+        node.ns.run_in(|| send_raw("vl-a", &frame)).unwrap().unwrap();
+        await_counted(&node, &before, &forwarded);
+        let before = node.counters();
+        node.ns.run_in(|| send_raw("vl-a", &vlan_tagged(&frame, 100))).unwrap().unwrap();
+        await_counted(&node, &before, &[(Stat::BypassUnsupportedToStack, 1)]);
+        let classifier: &mut SchedClassifier = node.ebpf.program_mut(program).unwrap().try_into().unwrap();
+        classifier.detach(link).unwrap();
+    }
+}
+
+#[test]
+fn bypass_forwards_gso_packets_whose_segments_fit() {
+    // A GSO packet longer than the MTU (as a pod's TSO sends it through its veth) is forwarded
+    // when its segments fit the tunnel device (headers + gso_size <= 1450), and handed to the
+    // stack unchanged when they do not. Real packets, injected with a virtio_net_hdr into one
+    // end of a veth whose other end is the pod's veth (a transport header set, unlike
+    // BPF_PROG_TEST_RUN's).
+    let mut node = Node::new(true);
+    let ns = &node.ns;
+    ns.ip(&["link", "add", "gso-a", "index", "22", "type", "veth", "peer", "name", "gso-b", "index", "23"]).unwrap();
+    for dev in ["gso-a", "gso-b"] {
+        ns.ip(&["link", "set", dev, "up"]).unwrap();
+    }
+    let mut endpoints: HashMap<_, [u8; 4], flannel_common::EndpointEntry> =
+        HashMap::try_from(node.ebpf.map_mut(flannel_common::ENDPOINTS_MAP).unwrap()).unwrap();
+    endpoints
+        .insert(POD.octets(), flannel_common::EndpointEntry { ifindex: 23, mac: POD_MAC, _pad: [0; 2] }, 0)
+        .unwrap();
+    let ns = &node.ns;
+    let classifier: &mut SchedClassifier = node.ebpf.program_mut("fl_pod_egress").unwrap().try_into().unwrap();
+    let link = ns.run_in(|| classifier.attach("gso-b", aya::programs::TcAttachType::Ingress)).unwrap().unwrap();
+    let frame = sized(&from_pod(&packet::tcp4_flags(POD, VXLAN_POD, 40000, 443, packet::TCP_PSH_ACK, b"")), 3000, true);
+    let largest_fitting = (TUNNEL_MTU as usize - 2 * packet::IPV4_HLEN) as u16;
+    for (gso_size, expected) in [
+        (1000, vec![(Stat::BypassForwarded, 1), (Stat::Encapsulated, 1)]),
+        (largest_fitting, vec![(Stat::BypassForwarded, 1), (Stat::Encapsulated, 1)]),
+        (largest_fitting + 1, vec![(Stat::BypassTooBigToStack, 1)]),
+    ] {
+        let before = node.counters();
+        node.ns.run_in(|| send_raw_with("gso-a", &frame, Some(tcp4_gso_header(gso_size)))).unwrap().unwrap();
+        await_counted(&node, &before, &expected);
+    }
+    // Without GSO: one byte over the tunnel device's MTU (within the veth's) is too big.
+    for (len, expected) in [
+        (ETH_HLEN + TUNNEL_MTU as usize, vec![(Stat::BypassForwarded, 1), (Stat::Encapsulated, 1)]),
+        (ETH_HLEN + TUNNEL_MTU as usize + 1, vec![(Stat::BypassTooBigToStack, 1)]),
+    ] {
+        let before = node.counters();
+        node.ns.run_in(|| send_raw("gso-a", &sized(&frame, len, true))).unwrap().unwrap();
+        await_counted(&node, &before, &expected);
+    }
+    let classifier: &mut SchedClassifier = node.ebpf.program_mut("fl_pod_egress").unwrap().try_into().unwrap();
+    classifier.detach(link).unwrap();
+}
+
 // ---- fl_underlay_egress, fl_bridge_egress -------------------------------------------------
 
 #[test]
@@ -862,6 +1253,26 @@ fn endpoint(ip: [u8; 4]) -> Option<([u8; 6], u32)> {
     }
 }
 
+/// The MTU of the veth of local pod `ip` (`ebpf_node::node_netns`; POD's is the loopback's).
+fn endpoint_mtu(ip: [u8; 4]) -> usize {
+    if Ipv4Addr::from(ip) == POD2 {
+        POD2_MTU as usize
+    } else {
+        65536
+    }
+}
+
+/// Whether the IPv4 total length covers its header and fits the frame (the bypass forwards
+/// nothing else: `forward::bypass_fits`).
+fn ip_len_fits(f: &[u8]) -> bool {
+    let ip_len = usize::from(u16::from_be_bytes([f[ETH_HLEN + 2], f[ETH_HLEN + 3]]));
+    let header = usize::from(f[ETH_HLEN] & 0x0f) * 4;
+    // 0 on a packet over 64 KiB: IPv4 BIG TCP (never produced here: BPF_PROG_TEST_RUN takes
+    // at most a page).
+    let big_tcp = ip_len == 0 && f.len() > ETH_HLEN + 0xffff;
+    big_tcp || (ip_len >= header && ETH_HLEN + ip_len <= f.len())
+}
+
 /// The device BPF_PROG_TEST_RUN runs frames on: the loopback device.
 const TEST_RUN_IFINDEX: u32 = 1;
 
@@ -966,6 +1377,16 @@ fn expected(program: &str, frame: &[u8], mark: u32, bypass: bool, flows: &HashSe
             if flows.contains(&p.reversed_key()) {
                 return Expected { counts: vec![(Stat::BypassToStack, 1)], ..Expected::next(frame, mark) };
             }
+            // Checked before any rewrite, so the stack gets these as they came: a length
+            // beyond the frame (uncounted, the stack's to drop), over the MTU of the device
+            // the redirect would leave through (no VLAN tag: BPF_PROG_TEST_RUN sets none).
+            if !ip_len_fits(frame) {
+                return Expected::next(frame, mark);
+            }
+            let mtu = if kind == Some(LeaseKind::HostGw) { EXT_MTU } else { TUNNEL_MTU };
+            if frame.len() > ETH_HLEN + mtu as usize {
+                return Expected { counts: vec![(Stat::BypassTooBigToStack, 1)], ..Expected::next(frame, mark) };
+            }
             if frame[IP_TTL_OFF] <= 1 {
                 return Expected::shot(frame, mark, Stat::DropTtlExceeded);
             }
@@ -993,6 +1414,12 @@ fn expected(program: &str, frame: &[u8], mark: u32, bypass: bool, flows: &HashSe
             }
             if flows.contains(&p.reversed_key()) {
                 return Expected { counts: vec![(Stat::BypassToStack, 1)], ..Expected::next(frame, mark) };
+            }
+            if !ip_len_fits(frame) {
+                return Expected::next(frame, mark);
+            }
+            if frame.len() > ETH_HLEN + endpoint_mtu(p.dst) {
+                return Expected { counts: vec![(Stat::BypassTooBigToStack, 1)], ..Expected::next(frame, mark) };
             }
             if frame[IP_TTL_OFF] <= 1 {
                 return Expected::shot(frame, mark, Stat::DropTtlExceeded);
@@ -1356,6 +1783,11 @@ mod properties {
         Cut(Index),
         /// The IPv4 header checksum made wrong.
         BadChecksum,
+        /// The IPv4 total length set to anything (shorter than the header, beyond the frame).
+        IpLen(u16),
+        /// Grown to this many bytes (zeros appended, the total length to match): around the
+        /// MTUs of the bypass's targets.
+        Grow(usize),
     }
 
     fn mutation() -> impl Strategy<Value = Mutation> {
@@ -1373,6 +1805,15 @@ mod properties {
             1 => (any::<Index>(), any::<u8>()).prop_map(|(at, value)| Mutation::Byte(at, value)),
             1 => any::<Index>().prop_map(Mutation::Cut),
             1 => Just(Mutation::BadChecksum),
+            1 => prop_oneof![Just(0u16), Just(19), Just(20), any::<u16>()].prop_map(Mutation::IpLen),
+            1 => prop_oneof![
+                Just(ETH_HLEN + TUNNEL_MTU as usize),
+                Just(ETH_HLEN + TUNNEL_MTU as usize + 1),
+                Just(ETH_HLEN + EXT_MTU as usize),
+                Just(ETH_HLEN + EXT_MTU as usize + 1),
+                1400usize..1600,
+            ]
+            .prop_map(Mutation::Grow),
         ]
     }
 
@@ -1432,6 +1873,12 @@ mod properties {
                                 frame[IP_CSUM_OFF] ^= 0x5a;
                             }
                             continue;
+                        }
+                        Mutation::IpLen(len) => frame[ip + 2..ip + 4].copy_from_slice(&len.to_be_bytes()),
+                        Mutation::Grow(len) => {
+                            frame.resize(len.max(frame.len()), 0);
+                            let ip_len = (frame.len() - ETH_HLEN) as u16;
+                            frame[ip + 2..ip + 4].copy_from_slice(&ip_len.to_be_bytes());
                         }
                     }
                     if frame.len() >= ETH_HLEN + packet::IPV4_HLEN {
@@ -1495,5 +1942,45 @@ mod properties {
         let ingress_runs = tally.runs / ALL_PROGRAMS.len() as u64;
         assert_eq!(node.counters()[Stat::DropNoTunnelKey as usize] - ingress_before, ingress_runs);
         assert!(tally.refused > 0 && tally.runs > 0, "{tally:?}");
+    }
+
+    /// Valid frames of the bypass's paths at the MTUs of its targets (one byte under, at,
+    /// one over; DF set and clear), truncated or with bad lengths: every run checked as in
+    /// the properties.
+    #[test]
+    fn every_program_on_frames_around_the_mtu() {
+        let mut node = property_node();
+        let mut tally = Tally::default();
+        let bases = [
+            pod_udp(VXLAN_POD),
+            pod_udp(HOST_GW_POD),
+            from_pod(&packet::tcp4_flags(POD, VXLAN_POD, 40000, 443, packet::TCP_PSH_ACK, b"")),
+            from_host_gw_pod(POD),
+            from_host_gw_pod(POD2),
+        ];
+        let limits = [TUNNEL_MTU, EXT_MTU, POD2_MTU].map(|mtu| ETH_HLEN + mtu as usize);
+        for base in &bases {
+            for limit in limits {
+                for len in [limit - 1, limit, limit + 1] {
+                    for df in [true, false] {
+                        let frame = sized(base, len, df);
+                        let truncated = frame[..frame.len() - 1].to_vec();
+                        let ip_len = (len - ETH_HLEN) as u16;
+                        for frame in [frame.clone(), truncated, with_ip_len(&frame, ip_len - 100)] {
+                            let case = Case { frame, mark: 0, bypass: true, reverse_recorded: false };
+                            check(&mut node, &case, &mut tally).unwrap_or_else(|e| panic!("{e:#}"));
+                        }
+                    }
+                }
+            }
+        }
+        for (program, outcome) in [
+            ("fl_pod_egress", "redirect"),
+            ("fl_pod_egress", "counted bypass-too-big-to-stack"),
+            ("fl_underlay_ingress", "redirect"),
+            ("fl_underlay_ingress", "counted bypass-too-big-to-stack"),
+        ] {
+            assert!(tally.outcome(program, outcome) > 0, "no {program} {outcome} in {tally:#?}");
+        }
     }
 }

@@ -1,7 +1,9 @@
 //! BPF_PROG_TEST_RUN unit tests of masquerade (`fl_snat_egress`, `fl_snat_ingress`): the
 //! translation and its reverse with valid checksums for TCP, UDP and ICMP echo, flannel's skip
-//! decisions, port exhaustion, restoring an evicted half, and the agent's idle sweep. Root
-//! only; fails loudly otherwise.
+//! decisions, port exhaustion, restoring an evicted half, and the agent's idle sweep; and the
+//! fail-closed cases: mid-flow TCP without a translation, fragments and malformed headers,
+//! ICMP errors about translated flows, racing CPUs, inbound floods, a flow resuming during a
+//! sweep. Root only; fails loudly otherwise.
 
 use std::{net::Ipv4Addr, time::Duration};
 
@@ -15,7 +17,7 @@ use flannel_agent::{
     ebpf::decode::monotonic_ns,
 };
 use flannel_common::{
-    snat::{IPPROTO_TCP, IPPROTO_UDP, SNAT_EGRESS, SNAT_INGRESS},
+    snat::{IPPROTO_TCP, IPPROTO_UDP, SNAT_EGRESS, SNAT_INBOUND_MAP, SNAT_INGRESS},
     NodeConfig, SnatEntry, SnatKey, Stat, NODE_MAP, SNAT_MAP, STATS_MAP,
 };
 use flannel_tests::{
@@ -157,15 +159,21 @@ fn cluster_multicast_foreign_and_unknown_traffic_is_left_alone() {
 #[test]
 fn replies_of_connections_from_outside_keep_the_pod_address() {
     let ebpf = setup(1024, 32767);
-    // TCP: the pod's SYN-ACK to a client outside the cluster (host-gw, NodePort) opens nothing.
+    // TCP: a client outside the cluster (host-gw, direct routes) connects to the pod; the
+    // SYN is noted on the way in, and the pod's SYN-ACK and what follows leave as they are.
+    let syn = packet::tcp4_flags(NODE, POD, 51000, 8080, TCP_SYN, b"");
+    assert_eq!(ingress(&ebpf, &syn), (TC_ACT_NEXT, syn.clone()));
     let syn_ack = packet::tcp4_flags(POD, NODE, 8080, 51000, TCP_SYN_ACK, b"");
     assert_eq!(egress(&ebpf, &syn_ack), (TC_ACT_NEXT, syn_ack.clone()));
+    let data = packet::tcp4(POD, NODE, 8080, 51000, b"response");
+    assert_eq!(egress(&ebpf, &data), (TC_ACT_NEXT, data.clone()));
     // UDP: a query from outside for the pod is noted on the way in; the answer leaves as is.
     let query = packet::udp4([2; 6], [0; 6], NODE, POD, 51000, 53, b"query");
     assert_eq!(ingress(&ebpf, &query), (TC_ACT_NEXT, query.clone()));
     let answer = packet::udp4([2; 6], [0; 6], POD, NODE, 53, 51000, b"answer");
     assert_eq!(egress(&ebpf, &answer), (TC_ACT_NEXT, answer.clone()));
     assert_eq!(stat(&ebpf, Stat::SnatNewMapping) + stat(&ebpf, Stat::SnatTranslated), 0);
+    assert_eq!(stat(&ebpf, Stat::DropSnatNoMapping), 0);
     // A pod's own SYN still gets a mapping.
     let syn = packet::tcp4_flags(POD, OUTSIDE, 40000, 443, TCP_SYN, b"");
     assert_eq!(src(&egress(&ebpf, &syn).1).0, NODE);
@@ -286,4 +294,266 @@ fn a_closed_tcp_translation_expires_after_time_wait_not_the_idle_timeout() {
 
 fn table_protocols(table: &mut SnatTable) -> Vec<u8> {
     table.entries().unwrap().into_iter().map(|(k, _)| k.proto).collect()
+}
+
+/// `frame` with its IPv4 header checksum recomputed.
+fn fix_ip_checksum(mut frame: Vec<u8>) -> Vec<u8> {
+    let ihl = usize::from(frame[14] & 0x0f) * 4;
+    frame[24..26].copy_from_slice(&[0, 0]);
+    let c = packet::checksum(&frame[14..14 + ihl.max(20)]);
+    frame[24..26].copy_from_slice(&c.to_be_bytes());
+    frame
+}
+
+/// `frame` as an IPv4 fragment: More Fragments flag and offset (in 8-byte units).
+fn fragment(mut frame: Vec<u8>, more: bool, offset: u16) -> Vec<u8> {
+    let field = (u16::from(more) << 13) | offset;
+    frame[20..22].copy_from_slice(&field.to_be_bytes());
+    fix_ip_checksum(frame)
+}
+
+fn delta(ebpf: &Ebpf, stats: &[Stat], before: &[u64]) -> Vec<u64> {
+    stats.iter().zip(before).map(|(s, b)| stat(ebpf, *s) - b).collect()
+}
+
+fn stats_now(ebpf: &Ebpf, stats: &[Stat]) -> Vec<u64> {
+    stats.iter().map(|s| stat(ebpf, *s)).collect()
+}
+
+#[test]
+fn mid_flow_tcp_without_a_translation_is_dropped_never_sent_with_the_pod_address() {
+    let ebpf = setup(1024, 32767);
+    // Evicted or swept: data, FIN and RST of a connection no translation knows.
+    for flags in [0x18, 0x11, 0x04, 0x14, 0x10] {
+        let frame = packet::tcp4_flags(POD, OUTSIDE, 40000, 443, flags, b"mid-flow");
+        assert_eq!(egress(&ebpf, &frame).0, TC_ACT_SHOT, "flags {flags:#x}");
+    }
+    assert_eq!(stat(&ebpf, Stat::DropSnatNoMapping), 5);
+    assert_eq!(stat(&ebpf, Stat::SnatTranslated) + stat(&ebpf, Stat::SnatNewMapping), 0);
+    // A SYN opens one, and the connection's next packets use it.
+    let (verdict, out) = egress(&ebpf, &packet::tcp4_flags(POD, OUTSIDE, 40000, 443, TCP_SYN, b""));
+    assert_eq!((verdict, src(&out).0), (TC_ACT_NEXT, NODE));
+    let (verdict, out) = egress(&ebpf, &packet::tcp4(POD, OUTSIDE, 40000, 443, b"data"));
+    assert_eq!((verdict, src(&out).0), (TC_ACT_NEXT, NODE));
+    assert_eq!(stat(&ebpf, Stat::DropSnatNoMapping), 5);
+}
+
+#[test]
+fn fragments_and_malformed_headers_to_the_outside_are_translated_or_dropped_never_leaked() {
+    let ebpf = setup(1024, 32767);
+    let counters = [Stat::DropSnatFragment, Stat::DropMalformed, Stat::SnatTranslated];
+    let before = stats_now(&ebpf, &counters);
+    // The first fragment carries the ports: translated.
+    let first = fragment(packet::udp4([2; 6], [0; 6], POD, OUTSIDE, 5353, 53, &[7; 64]), true, 0);
+    let (verdict, out) = egress(&ebpf, &first);
+    assert_eq!((verdict, src(&out)), (TC_ACT_NEXT, (NODE, 5353)));
+    assert_eq!(packet::checksum(&out[14..34]), 0, "IPv4 checksum valid");
+    assert_eq!(&out[20..22], &first[20..22], "fragment fields kept");
+    // A later one has none: dropped, whatever the flow.
+    let later = fragment(packet::udp4([2; 6], [0; 6], POD, OUTSIDE, 5353, 53, &[7; 64]), false, 9);
+    assert_eq!(egress(&ebpf, &later).0, TC_ACT_SHOT);
+    assert_eq!(delta(&ebpf, &counters, &before), vec![1, 0, 1]);
+    // IHL < 5, a total length beyond the frame, a TCP header cut short: dropped as malformed.
+    let mut short_ihl = packet::tcp4_flags(POD, OUTSIDE, 40000, 443, TCP_SYN, b"");
+    short_ihl[14] = 0x44;
+    let short_ihl = fix_ip_checksum(short_ihl);
+    let mut long_total = packet::tcp4_flags(POD, OUTSIDE, 40000, 443, TCP_SYN, b"");
+    let total = u16::from_be_bytes([long_total[16], long_total[17]]) + 1;
+    long_total[16..18].copy_from_slice(&total.to_be_bytes());
+    let long_total = fix_ip_checksum(long_total);
+    let mut cut = packet::tcp4_flags(POD, OUTSIDE, 40000, 443, TCP_SYN, b"");
+    cut.truncate(14 + 20 + 6);
+    cut[16..18].copy_from_slice(&26u16.to_be_bytes());
+    let cut = fix_ip_checksum(cut);
+    for frame in [&short_ihl, &long_total, &cut] {
+        assert_eq!(egress(&ebpf, frame).0, TC_ACT_SHOT);
+    }
+    assert_eq!(delta(&ebpf, &counters, &before), vec![1, 3, 1]);
+    // Ethernet padding after the IPv4 packet is not a bad length.
+    let mut padded = packet::udp4([2; 6], [0; 6], POD, OUTSIDE, 5354, 53, b"x");
+    padded.extend_from_slice(&[0; 12]);
+    let (verdict, out) = egress(&ebpf, &padded);
+    assert_eq!((verdict, src(&out).0), (TC_ACT_NEXT, NODE));
+    // Not pod → outside: the same packets pass untouched, uncounted.
+    let mut node_ihl = packet::tcp4_flags(NODE, OUTSIDE, 40000, 443, TCP_SYN, b"");
+    node_ihl[14] = 0x44;
+    let node_ihl = fix_ip_checksum(node_ihl);
+    let cluster_later = fragment(packet::udp4([2; 6], [0; 6], POD, Ipv4Addr::new(10, 244, 2, 3), 1, 2, b"x"), false, 9);
+    let node_later = fragment(packet::udp4([2; 6], [0; 6], NODE, OUTSIDE, 1, 2, b"x"), false, 9);
+    for frame in [node_ihl, cluster_later, node_later] {
+        assert_eq!(egress(&ebpf, &frame), (TC_ACT_NEXT, frame.clone()));
+    }
+    assert_eq!(delta(&ebpf, &counters, &before), vec![1, 3, 2]);
+}
+
+/// An ICMP error from `router` to the node about `quoted` (an Ethernet frame the node sent):
+/// its IPv4 header and the first `l4_bytes` of its L4 header.
+fn icmp_error(router: Ipv4Addr, icmp_type: u8, code: u8, quoted: &[u8], l4_bytes: usize) -> Vec<u8> {
+    let mut icmp = vec![icmp_type, code, 0, 0, 0, 0, 0x05, 0x78]; // next-hop MTU 1400
+    icmp.extend_from_slice(&quoted[14..14 + 20 + l4_bytes]);
+    let c = packet::checksum(&icmp);
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    let mut frame = vec![0, 0, 0, 0, 0, 0, 2, 0, 0, 0, 0, 1, 0x08, 0x00];
+    frame.extend_from_slice(&packet::ipv4_header(router, NODE, 1, icmp.len() as u16));
+    frame.extend_from_slice(&icmp);
+    frame
+}
+
+#[test]
+fn icmp_errors_about_translated_flows_go_back_to_the_pod_with_valid_checksums() {
+    let ebpf = setup(1024, 32767);
+    let router = Ipv4Addr::new(198, 51, 100, 1);
+    let (_, tcp) = egress(&ebpf, &packet::tcp4_flags(POD, OUTSIDE, 40000, 443, TCP_SYN, &[1; 40]));
+    let (_, udp) = egress(&ebpf, &packet::udp4([2; 6], [0; 6], POD, OUTSIDE, 40001, 53, b"query"));
+    let (_, ping) = egress(&ebpf, &packet::icmp_echo4(POD, OUTSIDE, 8, 777, 1));
+    let cases = [
+        (icmp_error(router, 3, 4, &tcp, 8), 40000u16, "frag-needed about TCP (8-byte quote)"),
+        (icmp_error(router, 3, 3, &udp, 8 + 5), 40001, "port unreachable about UDP (whole datagram)"),
+        (icmp_error(router, 11, 0, &ping, 8), 777, "time exceeded about an echo request"),
+    ];
+    for (i, (error, pod_port, what)) in cases.iter().enumerate() {
+        let (verdict, back) = ingress(&ebpf, error);
+        assert_eq!(verdict, TC_ACT_NEXT, "{what}");
+        assert_eq!(dst(&back).0, POD, "{what}: outer destination is the pod");
+        assert_eq!(src(&back).0, router, "{what}");
+        assert!(packet::checksums_valid(&back), "{what}: outer IPv4 and ICMP checksums");
+        let quote = &back[42..];
+        assert_eq!(packet::checksum(&quote[..20]), 0, "{what}: quoted IPv4 header checksum");
+        assert_eq!(Ipv4Addr::new(quote[12], quote[13], quote[14], quote[15]), POD, "{what}: quoted source");
+        assert_eq!(&quote[16..20], &OUTSIDE.octets(), "{what}: quoted destination kept");
+        let port_at = if quote[9] == 1 { 24 } else { 20 };
+        assert_eq!(u16::from_be_bytes([quote[port_at], quote[port_at + 1]]), *pod_port, "{what}: quoted port");
+        // Everything else as it came: MTU, quoted destination port, the quoted L4 checksum.
+        assert_eq!(&back[34..36], &error[34..36], "{what}: type and code");
+        assert_eq!(&back[38..42], &error[38..42], "{what}: next-hop MTU");
+        // The quoted L4 header around the port, its checksum included, is left as it is.
+        assert_eq!(&back[42 + 20..42 + port_at], &error[42 + 20..42 + port_at], "{what}: quoted L4 before the port");
+        assert_eq!(&back[42 + port_at + 2..], &error[42 + port_at + 2..], "{what}: rest of the quote");
+        assert_eq!(stat(&ebpf, Stat::SnatIcmpErrorTranslated), i as u64 + 1);
+    }
+    // About a port no translation owns (the node's own traffic): untouched.
+    let own = packet::tcp4_flags(NODE, OUTSIDE, 45000, 443, TCP_SYN, b"");
+    let error = icmp_error(router, 3, 4, &own, 8);
+    assert_eq!(ingress(&ebpf, &error), (TC_ACT_NEXT, error.clone()));
+    assert_eq!(stat(&ebpf, Stat::SnatIcmpErrorTranslated), 3);
+}
+
+#[test]
+fn two_cpus_racing_on_new_flows_leave_one_translation_each_and_no_orphan_port() {
+    let mut ebpf = setup(1024, 32767);
+    const FLOWS: u16 = 4000;
+    let program: &SchedClassifier = ebpf.program("fl_snat_egress").unwrap().try_into().unwrap();
+    let frames: Vec<Vec<u8>> =
+        (0..FLOWS).map(|i| packet::udp4([2; 6], [0; 6], POD, OUTSIDE, 40000 + i, 53, b"q")).collect();
+    let arrived = std::sync::atomic::AtomicUsize::new(0);
+    let ports: Vec<Vec<u16>> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..2)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut ports = Vec::with_capacity(frames.len());
+                    for (i, frame) in frames.iter().enumerate() {
+                        // Spin until both threads reached flow i, then send it at once.
+                        arrived.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        while arrived.load(std::sync::atomic::Ordering::SeqCst) < 2 * (i + 1) {
+                            std::hint::spin_loop();
+                        }
+                        let mut out = vec![0u8; frame.len() + 64];
+                        let opts =
+                            TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), ..Default::default() };
+                        let result = program.test_run(opts).expect("BPF_PROG_TEST_RUN");
+                        assert_eq!(result.return_value, TC_ACT_NEXT);
+                        ports.push(src(&out).1);
+                    }
+                    ports
+                })
+            })
+            .collect();
+        workers.into_iter().map(|w| w.join().unwrap()).collect()
+    });
+    let differing = ports[0].iter().zip(&ports[1]).filter(|(a, b)| a != b).count();
+    assert_eq!(differing, 0, "both packets of a flow leave with the same port");
+    assert_eq!(stat(&ebpf, Stat::SnatNewMapping), u64::from(FLOWS), "one mapping per flow");
+    assert_eq!(stat(&ebpf, Stat::SnatTranslated), 2 * u64::from(FLOWS));
+    let entries: Vec<(SnatKey, SnatEntry)> = snat_map(&mut ebpf).iter().map(Result::unwrap).collect();
+    let halves = |direction| entries.iter().filter(|(k, _)| k.direction == direction).count();
+    assert_eq!((halves(SNAT_EGRESS), halves(SNAT_INGRESS)), (FLOWS as usize, FLOWS as usize), "no orphan reply half");
+}
+
+#[test]
+fn a_flood_of_inbound_udp_tuples_cannot_evict_a_live_translation() {
+    let ebpf = setup(1024, 32767);
+    let (_, out) = egress(&ebpf, &packet::udp4([2; 6], [0; 6], POD, OUTSIDE, 5353, 53, b"query"));
+    let port = src(&out).1;
+    // More distinct tuples than fl_snat_v1 holds, from outside to the pod.
+    const FLOOD: u32 = 140_000;
+    let base = u32::from(Ipv4Addr::new(198, 18, 0, 0));
+    for i in 0..FLOOD {
+        let from = Ipv4Addr::from(base + i % 131_072);
+        let frame = packet::udp4([2; 6], [0; 6], from, POD, 1000 + (i / 131_072) as u16, 53, b"flood");
+        assert_eq!(ingress(&ebpf, &frame), (TC_ACT_NEXT, frame.clone()));
+    }
+    let over = stat(&ebpf, Stat::SnatInboundOverBudget);
+    let recorded =
+        HashMap::<_, SnatKey, SnatEntry>::try_from(ebpf.map(SNAT_INBOUND_MAP).unwrap()).unwrap().keys().count();
+    assert!(over > 0, "the flood ran over the budget");
+    assert_eq!(over + recorded as u64, u64::from(FLOOD), "every inbound tuple recorded or counted");
+    // The translation is intact both ways.
+    let (_, back) = ingress(&ebpf, &packet::udp4([2; 6], [0; 6], OUTSIDE, NODE, 53, port, b"answer"));
+    assert_eq!(dst(&back), (POD, 5353));
+    let (_, again) = egress(&ebpf, &packet::udp4([2; 6], [0; 6], POD, OUTSIDE, 5353, 53, b"again"));
+    assert_eq!(src(&again), (NODE, port));
+    assert_eq!(stat(&ebpf, Stat::SnatNewMapping), 1);
+}
+
+#[test]
+fn a_flow_that_resumes_during_the_sweep_keeps_its_translation() {
+    let mut ebpf = setup(1024, 32767);
+    let query = packet::udp4([2; 6], [0; 6], POD, OUTSIDE, 5353, 53, b"query");
+    let (_, out) = egress(&ebpf, &query);
+    let port = src(&out).1;
+    {
+        // Both halves long idle.
+        let mut map = snat_map(&mut ebpf);
+        let entries: Vec<(SnatKey, SnatEntry)> = map.iter().map(Result::unwrap).collect();
+        for (key, entry) in entries {
+            map.insert(key, SnatEntry { last_seen_ns: 0, ..entry }, 0).unwrap();
+        }
+    }
+    let options = SnatOptions {
+        port_min: 1024,
+        port_max: 32767,
+        tcp_idle: Duration::from_secs(3600),
+        other_idle: Duration::from_secs(60),
+    };
+    let mut table = SnatTable::take(&mut ebpf).unwrap();
+    let now = monotonic_ns() + Duration::from_secs(120).as_nanos() as u64;
+    // The pod sends again after the sweep's snapshot, before its deletions.
+    let sweep = table.sweep_observed(&options, now, || assert_eq!(egress(&ebpf, &query).0, TC_ACT_NEXT)).unwrap();
+    assert_eq!((sweep.removed, sweep.kept), (0, 2), "the resumed pair stays, both halves");
+    let (_, back) = ingress(&ebpf, &packet::udp4([2; 6], [0; 6], OUTSIDE, NODE, 53, port, b"answer"));
+    assert_eq!(dst(&back), (POD, 5353));
+    // Idle again much later: both halves go together.
+    let later = monotonic_ns() + Duration::from_secs(600).as_nanos() as u64;
+    assert_eq!(
+        table.sweep(&options, later).unwrap(),
+        flannel_agent::datapath::ebpf::snat::Sweep { kept: 0, removed: 2 }
+    );
+}
+
+#[test]
+fn identity_entries_of_inbound_flows_are_swept_when_idle() {
+    let mut ebpf = setup(1024, 32767);
+    ingress(&ebpf, &packet::udp4([2; 6], [0; 6], OUTSIDE, POD, 51000, 53, b"query"));
+    ingress(&ebpf, &packet::tcp4_flags(OUTSIDE, POD, 51001, 80, TCP_SYN, b""));
+    let options = SnatOptions {
+        port_min: 1024,
+        port_max: 32767,
+        tcp_idle: Duration::from_secs(3600),
+        other_idle: Duration::from_secs(60),
+    };
+    let mut table = SnatTable::take(&mut ebpf).unwrap();
+    assert_eq!(table.inbound_entries().unwrap().len(), 2);
+    let later = monotonic_ns() + Duration::from_secs(120).as_nanos() as u64;
+    assert_eq!(table.sweep(&options, later).unwrap().removed, 1, "UDP idle past 60 s; TCP not past an hour");
+    assert_eq!(table.inbound_entries().unwrap()[0].0.proto, IPPROTO_TCP);
 }

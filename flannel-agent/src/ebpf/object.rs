@@ -15,17 +15,21 @@ pub const MAP_NAMES: &[&str] = &[
     flannel_common::NODE_MAP,
     flannel_common::PEERS_MAP,
     flannel_common::SNAT_MAP,
+    flannel_common::snat::SNAT_INBOUND_MAP,
+    flannel_common::snat::SNAT_BUDGET_MAP,
     flannel_common::STACK_FLOWS_MAP,
     flannel_common::STATS_MAP,
 ];
 
 /// Loads the object with every map pinned as `<maps_dir>/<map name>`; existing pins are
-/// reused (so counters and tables survive an agent restart) after their layout is checked.
+/// reused (so counters and tables survive an agent restart) after their layout is checked
+/// against the object, which is parsed once for all of them.
 pub fn load_pinned(maps_dir: &Path) -> Result<Ebpf> {
+    let object = super::bpffs::ObjectMaps::parse(EBPF_OBJECT)?;
     let mut loader = EbpfLoader::new();
     for name in MAP_NAMES {
         let pin = maps_dir.join(name);
-        super::bpffs::check_pinned_map_matches_object(&pin, name)?;
+        super::bpffs::check_pinned_map(&object, &pin, name)?;
         loader.map_pin_path(name, pin);
     }
     loader

@@ -131,7 +131,7 @@ impl TrafficRules {
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             ticker.tick().await;
-            if let Err(error) = blocking(|| self.resync_once()) {
+            if let Err(error) = crate::blocking::blocking(|| self.resync_once()) {
                 tracing::warn!(error = format!("{error:#}"), "checking masquerade/forward rules failed");
             }
         }
@@ -191,16 +191,6 @@ impl Inner {
             }
             Backend::Nftables => nftables::ensure(&rules::nft_chains(&self.config), report),
         }
-    }
-}
-
-/// Runs blocking work from async code: on a multi-thread runtime the worker hands its other
-/// tasks off first (the work stays on this thread, in this thread's network namespace); on
-/// a current-thread runtime it simply runs (the commands take milliseconds).
-fn blocking<T>(work: impl FnOnce() -> T) -> T {
-    match tokio::runtime::Handle::try_current().map(|handle| handle.runtime_flavor()) {
-        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(work),
-        _ => work(),
     }
 }
 

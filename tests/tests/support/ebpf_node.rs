@@ -3,8 +3,10 @@
 //!
 //! The cluster (see [`node_object_with`]): network 10.244.0.0/16, VNI 1; our subnet
 //! 10.244.1.0/24 with two local pods ([`POD`], [`POD2`]) in the endpoint map; the vxlan peer's
-//! 10.244.2.0/24; a host-gw peer ([`HOST_GW_PEER`]) holding 10.244.3.0/24. The interface
-//! indexes are made up: BPF_PROG_TEST_RUN returns a redirect's verdict without performing it.
+//! 10.244.2.0/24; a host-gw peer ([`HOST_GW_PEER`]) holding 10.244.3.0/24. BPF_PROG_TEST_RUN
+//! returns a redirect's verdict without performing it, but the bypass asks the target
+//! device's MTU first (`bpf_check_mtu`), so the interface indexes must exist: run the
+//! programs inside [`node_netns`], which has a device at each index with a known MTU.
 // Included by several test and bench crates, each of which uses a part.
 #![allow(dead_code)]
 
@@ -19,6 +21,7 @@ use flannel_agent::ebpf::object;
 use flannel_common::{
     EndpointEntry, LeaseEntry, LeaseKind, NodeConfig, ENDPOINTS_MAP, LEASES_MAP, NODE_MAP, PEERS_MAP,
 };
+use flannel_tests::NetNs;
 
 /// VXLAN network identifier of the cluster.
 pub const VNI: u32 = 1;
@@ -40,6 +43,11 @@ pub const POD_IFINDEX: u32 = 1;
 pub const POD2: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 3);
 pub const POD2_MAC: [u8; 6] = [0x0a, 0, 0, 0, 0, 0x03];
 pub const POD2_IFINDEX: u32 = 6;
+/// The MTUs of the devices [`node_netns`] creates: the tunnel device (pod MTU, underlay − 50),
+/// the external interface, and POD2's veth. POD's "veth" is the loopback device (65536).
+pub const TUNNEL_MTU: u32 = 1450;
+pub const EXT_MTU: u32 = 1500;
+pub const POD2_MTU: u32 = 1450;
 /// The host-gw peer's PublicIP (it holds 10.244.3.0/24).
 pub const HOST_GW_PEER: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 13);
 /// The forwarding programs (TC classifiers), all loaded by [`node_object_with`].
@@ -159,6 +167,25 @@ pub fn node_object(me: Ipv4Addr, my_vtep: [u8; 6], peer: Ipv4Addr, peer_vtep: [u
 /// exits record their flows.
 pub fn bypass_node_object(me: Ipv4Addr, my_vtep: [u8; 6], peer: Ipv4Addr, peer_vtep: [u8; 6]) -> anyhow::Result<Ebpf> {
     node_object_with(&NodeSetup { bypass: true, ..NodeSetup::new(me, my_vtep, peer, peer_vtep) })
+}
+
+/// A network namespace with a device (ifb: always built, unlike dummy) at each of the fixture's interface indexes (the
+/// external interface, the tunnel device, the bridge, POD2's veth) with the MTUs above; the
+/// loopback (POD's veth) is index 1 in every namespace. `bpf_check_mtu` looks the index up in
+/// the namespace of the packet's device, i.e. of the thread running BPF_PROG_TEST_RUN: run
+/// the programs with [`NetNs::run_in`].
+pub fn node_netns(tag: &str) -> anyhow::Result<NetNs> {
+    let ns = NetNs::create(tag)?;
+    for (name, index, mtu) in [
+        ("eth-ext", EXT_IFINDEX, EXT_MTU),
+        ("flannel.1", TUNNEL_IFINDEX, TUNNEL_MTU),
+        ("cni0", BRIDGE_IFINDEX, TUNNEL_MTU),
+        ("veth-pod2", POD2_IFINDEX, POD2_MTU),
+    ] {
+        let (index, mtu) = (index.to_string(), mtu.to_string());
+        ns.ip(&["link", "add", name, "index", &index, "mtu", &mtu, "type", "ifb"])?;
+    }
+    Ok(ns)
 }
 
 /// Rewrites `fl_node_v3`.

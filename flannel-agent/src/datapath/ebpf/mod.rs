@@ -35,7 +35,6 @@ use std::{
 use anyhow::{bail, Context, Result};
 use aya::{
     maps::{Array, MapData},
-    programs::SchedClassifier,
     Ebpf,
 };
 use flannel_common::{NodeConfig, NODE_MAP};
@@ -83,6 +82,31 @@ pub const PROGRAMS: [&str; 8] = [
 const LEGACY_LINKS: [(Option<&str>, &str); 3] =
     [(Some("fl_host"), "fl_host_egress"), (None, "fl_underlay_ingress_tc"), (None, "fl_underlay_ingress")];
 
+/// Where two of our programs share a hook (the external interface's), (first, second) in
+/// TCX order; every other program has its hook to itself (among ours) and goes last.
+/// - ingress: a masqueraded reply is translated back to the pod address by `fl_snat_ingress`
+///   before `fl_underlay_ingress` looks the destination up as a local pod.
+/// - egress: the recorder before the masquerade, the mirror image of ingress: SNAT is the
+///   outermost stage both ways (as MASQUERADE in POSTROUTING is the last thing before the
+///   wire), so the bypass programs always see pod-side addresses. The two never act on the
+///   same packet (the recorder only looks at destinations in host-gw peer subnets, which lie
+///   inside the cluster network the masquerade leaves alone), so links an earlier version made
+///   in the other order are left where they are: moving one would take detach + attach.
+const HOOK_ORDER: [(&str, &str); 2] = [(SNAT_INGRESS, UNDERLAY_INGRESS), (UNDERLAY_EGRESS, SNAT_EGRESS)];
+
+/// Where a new link of `program` goes among the programs at its hook (see `HOOK_ORDER`).
+pub fn order_of(program: &str) -> links::Order<'static> {
+    for (first, second) in HOOK_ORDER {
+        if program == first {
+            return links::Order::Before(second);
+        }
+        if program == second {
+            return links::Order::After(first);
+        }
+    }
+    links::Order::Last
+}
+
 /// TCX links, which make TC programs pinnable and atomically replaceable, came in 6.6.
 const MIN_KERNEL: (u32, u32) = (6, 6);
 
@@ -113,8 +137,12 @@ pub struct EbpfDatapath {
     bridge: Option<(u32, Mac)>,
     /// Other nodes' subnets as decided, and the direct routes installed for them.
     forwarding: BTreeMap<Ipv4Net, Forwarding>,
-    /// (interface, program) → the interface index it was attached at by this process.
+    /// (interface, program) → the interface index it was attached at by this process: a link
+    /// found missing, dead or running another program at the same index later was removed
+    /// behind our back, and its re-attachment is a repair.
     attached: BTreeMap<(String, &'static str), u32>,
+    /// Links repaired so (see `attached`).
+    link_repairs: u64,
     legacy_removed: bool,
     /// Link and neighbour notifications: the pod bridge appearing, pods coming and going.
     kernel_events: KernelEvents,
@@ -139,7 +167,7 @@ impl EbpfDatapath {
         bpffs::ensure_pin_dir(&maps)?;
         let mut ebpf = object::load_pinned(&maps)?;
         for program in PROGRAMS {
-            links::loaded::<SchedClassifier>(&mut ebpf, program)?;
+            links::loaded(&mut ebpf, program)?;
         }
         let table = LeaseTable::take(&mut ebpf)?;
         let endpoints = EndpointTable::take(&mut ebpf)?;
@@ -162,6 +190,7 @@ impl EbpfDatapath {
             bridge: None,
             forwarding: BTreeMap::new(),
             attached: BTreeMap::new(),
+            link_repairs: 0,
             legacy_removed: false,
             kernel_events,
         })
@@ -207,16 +236,32 @@ impl EbpfDatapath {
         Ok(())
     }
 
-    /// Attaches `program` at `hook` of `interface` unless this process already did so at the
-    /// interface's current index (a recreated interface gets a new link).
+    /// Makes `program` run at `hook` of `interface` (index `index`) through its pinned link.
+    /// Called at start, on kernel changes and at every resync, so each call checks the pin:
+    /// one that is missing, holds a dead link or one on another interface, or runs another
+    /// program is put right (see `links::attach`); for a link this process attached at the
+    /// same index, that is a repair, counted and logged.
     fn attach_once(&mut self, program: &'static str, interface: &str, index: u32, hook: Hook) -> Result<()> {
         let key = (interface.to_string(), program);
-        if self.attached.get(&key) == Some(&index) {
-            return Ok(());
+        let ours = self.attached.get(&key) == Some(&index);
+        let done = links::attach(&mut self.ebpf, program, interface, hook, &self.options.pin_root, order_of(program))?;
+        if ours && done != links::Attached::Unchanged {
+            self.link_repairs += 1;
+            tracing::warn!(
+                interface,
+                program,
+                ?done,
+                repairs = self.link_repairs,
+                "a program link was removed or changed behind our back: repaired"
+            );
         }
-        links::attach(&mut self.ebpf, program, interface, hook, &self.options.pin_root)?;
         self.attached.insert(key, index);
         Ok(())
+    }
+
+    /// Links found missing, dead or changed and repaired since start.
+    pub fn link_repairs(&self) -> u64 {
+        self.link_repairs
     }
 
     /// Attaches `programs` when `on`, else removes their links (an earlier run's).
@@ -509,7 +554,8 @@ impl Datapath for EbpfDatapath {
             }
         }
         self.forwarding = desired;
-        self.sweep_masquerade()?;
+        // Up to two map syscalls per translation: off the async worker's other tasks.
+        crate::blocking::blocking(|| self.sweep_masquerade())?;
         self.attach_pod_bridge().await
     }
 
