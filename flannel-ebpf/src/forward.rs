@@ -22,11 +22,8 @@ use flannel_common::{endpoints::EndpointEntry, leases::LeaseEntry, node::NodeCon
 
 use crate::{
     maps::{count, ENDPOINTS, STACK_FLOWS},
-    parse::{Flow, ETH_HLEN, IP_CSUM_OFF, IP_TTL_OFF},
+    parse::{Flow, IP_CSUM_OFF, IP_TTL_OFF},
 };
-
-/// Offset of the IPv4 total length.
-const IP_TOT_LEN_OFF: usize = ETH_HLEN + 2;
 
 const AF_INET: u32 = 2;
 /// `skb->mark` bit on frames the bypass redirects into the tunnel device or out of the
@@ -146,7 +143,7 @@ pub fn bypass_to_pod(ctx: &TcContext, node: &NodeConfig, flow: &Flow) -> Result<
 /// - A VLAN tag the NIC stripped into the skb's metadata (`vlan_present`) would ride along on
 ///   the redirect and leave tagged: the stack's (counted `BypassUnsupportedToStack`).
 /// - An IPv4 total length shorter than its header or longer than the frame (truncated; 0 is
-///   BIG TCP's on a packet over 64 KiB, IHL < 5 never gets here, `ipv4_flow` refuses it): the
+///   BIG TCP's on a packet over 64 KiB; `Flow::sound`, from the shared parser): the
 ///   stack drops and counts it (`IPSTATS_MIB_INTRUNCATEDPKTS`, `inhdr_error`); not counted
 ///   here, as a frame `ipv4_flow` cannot read is not.
 /// - Larger than `ifindex`'s MTU: the stack fragments it or, with DF, answers ICMP
@@ -163,13 +160,7 @@ pub fn bypass_fits(ctx: &TcContext, flow: &Flow, ifindex: u32) -> bool {
         count(Stat::BypassUnsupportedToStack);
         return false;
     }
-    let Ok(tot_len) = ctx.load::<u16>(IP_TOT_LEN_OFF) else { return false };
-    let tot_len = usize::from(u16::from_be(tot_len));
-    let frame_len = ctx.len() as usize;
-    // flow.l4 = ETH_HLEN + the IPv4 header's length. A total length of 0 on a packet over
-    // 64 KiB is an IPv4 BIG TCP GSO packet (the kernel's `iph_totlen`): its length is the skb's.
-    let big_tcp = tot_len == 0 && frame_len > ETH_HLEN + 0xffff;
-    if !big_tcp && (tot_len + ETH_HLEN < flow.l4 || tot_len + ETH_HLEN > frame_len) {
+    if !flow.sound {
         return false;
     }
     // In: 0 = measure the skb (skb->len, the Ethernet header included, against MTU + the

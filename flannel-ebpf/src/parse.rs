@@ -36,6 +36,8 @@ pub struct Flow {
     pub icmp_type: u8,
     /// A non-first fragment: no L4 header.
     pub later_fragment: bool,
+    /// [`Ipv4Header::sound`]: the total length covers the header and fits the frame.
+    pub sound: bool,
 }
 
 impl Flow {
@@ -178,6 +180,7 @@ pub fn header_flow(ctx: &TcContext, header: &Ipv4Header) -> Option<Flow> {
         tcp_flags: 0,
         icmp_type: 0xff,
         later_fragment,
+        sound: header.sound(ctx.len()),
     };
     if later_fragment {
         return Some(flow);
