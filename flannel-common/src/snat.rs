@@ -6,6 +6,15 @@
 //! first with `BPF_NOEXIST`, which is what reserves the port. Ports are host byte order, so
 //! `bpftool map dump` shows them as numbers people recognise. For ICMP echo the identifier
 //! takes the place of the pod-side port and the other port is 0.
+//!
+//! Every other IP protocol (GRE, ESP, SCTP, …: [`address_only`]) is translated like
+//! conntrack's generic L3 tracking does under MASQUERADE: the address only, keyed by the
+//! 3-tuple {pod, remote, proto} with both ports 0 (and `to_port` 0). Such a key cannot collide
+//! with a TCP, UDP or ICMP one — not even an ICMP echo whose identifier is 0 — because `proto`
+//! is part of the key and these keys never carry 1, 6 or 17. One pod at a time may talk a
+//! given protocol to a given remote: the reply key {remote, node, proto} is the whole
+//! reservation, so a second pod gets `drop-snat-no-port` until the first one's pair is swept
+//! (`--snat-idle-timeout`), as conntrack refuses a clashing generic entry.
 
 pub const SNAT_MAP: &str = "fl_snat_v1";
 /// Identity entries for flows outside hosts open to local pods (UDP, TCP SYN): keyed like an
@@ -34,6 +43,13 @@ pub const SNAT_INGRESS: u8 = 1;
 pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
+
+/// Whether masquerade translates `proto` by address only (no ports, no L4 checksum): every
+/// protocol but TCP, UDP and ICMP.
+#[inline(always)]
+pub const fn address_only(proto: u8) -> bool {
+    !matches!(proto, IPPROTO_ICMP | IPPROTO_TCP | IPPROTO_UDP)
+}
 
 /// A packet's tuple as seen at the external interface. 16 bytes, no implicit padding.
 #[repr(C)]

@@ -4,11 +4,13 @@
 //!
 //! - `fl_snat_egress` (TC egress): a TCP, UDP or ICMP-echo packet from the cluster network to
 //!   a destination outside it (and not multicast) gets the node's address and a port from the
-//!   configured range. A new connection reserves its port by inserting the reply-side entry
-//!   with `BPF_NOEXIST` (the original port first when it is in range, then random candidates),
-//!   then the forward entry, also with `BPF_NOEXIST`: when another CPU created the same
-//!   flow's mapping in between, the reserved reply half is released and the winner's mapping
-//!   used, so racing CPUs never leave an orphan port. Both halves live in the LRU `fl_snat_v1`.
+//!   configured range; a packet of any other IP protocol (GRE, ESP, SCTP, …) gets the node's
+//!   address only (see "Other protocols" below). A new connection reserves its port by
+//!   inserting the reply-side entry with `BPF_NOEXIST` (the original port first when it is in
+//!   range, then random candidates), then the forward entry, also with `BPF_NOEXIST`: when
+//!   another CPU created the same flow's mapping in between, the reserved reply half is
+//!   released and the winner's mapping used, so racing CPUs never leave an orphan port. Both
+//!   halves live in the LRU `fl_snat_v1`.
 //! - `fl_snat_ingress` (TC ingress): a reply to one of those ports is translated back to the
 //!   pod before the stack routes it, and so is an ICMP error (destination unreachable — PMTU
 //!   discovery's frag-needed — or time exceeded) about one: outer destination and the quoted
@@ -25,14 +27,35 @@
 //!
 //! Like MASQUERADE, which only ever translates a connection's first packet, replies of
 //! connections that outside hosts open to pods (host-gw, direct routes) must keep the pod's
-//! address: TCP mappings are only created by a SYN, and a UDP flow or TCP SYN that arrives
-//! for a local pod from outside the cluster is recorded as an identity entry in
-//! `fl_snat_inbound_v1`, which egress leaves alone. That map is separate, so a flood of
-//! inbound tuples cannot evict translations, and each CPU may create only
+//! address: TCP mappings are only created by a SYN, and a UDP flow, TCP SYN or address-only
+//! protocol packet that arrives for a local pod from outside the cluster is recorded as an
+//! identity entry in `fl_snat_inbound_v1`, which egress leaves alone. That map is separate,
+//! so a flood of inbound tuples cannot evict translations, and each CPU may create only
 //! `SNAT_INBOUND_BUDGET` identity entries a second (beyond it: not recorded, counted).
 //!
 //! Both rewrite L3 and L4 checksums incrementally (pseudo-header included; a zero UDP
 //! checksum stays zero). A half the LRU evicted is restored from the other one and counted.
+//!
+//! Other protocols: as conntrack's generic L3 tracking under MASQUERADE, a protocol that is
+//! not TCP, UDP or ICMP is translated by address alone. The mapping is the 3-tuple
+//! {pod, remote, proto} ↔ {node, remote, proto}, stored in `fl_snat_v1` with both ports 0, and
+//! reserved reply half first with `BPF_NOEXIST` like the others: while one pod talks a
+//! protocol to a remote, a second pod's packets of that protocol to the same remote are
+//! dropped as `drop-snat-no-port` (conntrack, which cannot tell the two apart on the way
+//! back either, refuses the clashing entry too) until the first pair has been idle for
+//! `--snat-idle-timeout` and swept. Every packet may start such a mapping (there is no
+//! connection state), and, as for UDP, a flow from outside to a local pod is recorded as an
+//! identity entry so its replies keep the pod's address. Only the IPv4 source (on ingress the
+//! destination) and the IPv4 header checksum change: no L4 checksum is touched, since this
+//! program cannot know which ones cover a pseudo-header. GRE's optional checksum, ESP's ICV
+//! and SCTP's CRC32c do not cover the IP addresses, so they stay valid; a protocol whose
+//! checksum covers the IPv4 pseudo-header (DCCP 33, UDP-Lite 136) arrives with a wrong one, as
+//! it would through conntrack's generic NAT. The node's own traffic of such a protocol to the
+//! same remote (a GRE tunnel of the node's) is not known to the programs: its replies go to
+//! the pod while a pod mapping for that remote exists.
+//!
+//! ICMP that is neither an echo request nor a known error (echo replies, errors a pod
+//! generates) passes untranslated on egress: it answers what outside hosts sent the pod.
 
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_NOEXIST, TC_ACT_SHOT, TC_ACT_UNSPEC},
@@ -43,7 +66,7 @@ use aya_ebpf::{
 use flannel_common::{
     node::NodeConfig,
     snat::{
-        SnatEntry, SnatKey, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, SNAT_EGRESS, SNAT_FLAG_CLOSING,
+        address_only, SnatEntry, SnatKey, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, SNAT_EGRESS, SNAT_FLAG_CLOSING,
         SNAT_INBOUND_BUDGET, SNAT_INBOUND_WINDOW_NS, SNAT_INGRESS,
     },
     stats::Stat,
@@ -112,14 +135,13 @@ impl Masquerade for Flow {
     }
 }
 
-/// Whether masquerade translates this flow: TCP, UDP, and ICMP echo of the type expected in
-/// this direction (request out, reply in).
+/// Whether masquerade translates this flow: TCP, UDP, ICMP echo of the type expected in
+/// this direction (request out, reply in), and every other protocol by address only.
 #[inline(always)]
 fn translatable(flow: &Flow, icmp_type: u8) -> bool {
     match flow.proto {
-        IPPROTO_TCP | IPPROTO_UDP => true,
         IPPROTO_ICMP => flow.icmp_type == icmp_type,
-        _ => false,
+        _ => true,
     }
 }
 
@@ -194,8 +216,8 @@ fn snat_egress(ctx: &TcContext) -> Result<(), Stat> {
     }
     let flow = header_flow(ctx, &header).ok_or(Stat::DropMalformed)?;
     if !translatable(&flow, ICMP_ECHO_REQUEST) {
-        // Other protocols, echo replies and ICMP errors (answers to what outside hosts sent
-        // the pod) pass as before: MASQUERADE without conntrack's help cannot do better.
+        // Echo replies and ICMP errors (answers to what outside hosts sent the pod) pass as
+        // before: MASQUERADE without conntrack's help cannot do better.
         return Ok(());
     }
     let key = flow.snat_key(SNAT_EGRESS);
@@ -269,15 +291,19 @@ fn restore_reply_half(flow: &Flow, forward: &SnatEntry, now: u64) {
 }
 
 /// Reserves a port for a new connection (the reply half with BPF_NOEXIST), then records the
-/// forward half, also with BPF_NOEXIST. Returns the translated source.
+/// forward half, also with BPF_NOEXIST. Returns the translated source. An address-only
+/// protocol has one candidate, port 0: the reply key {remote, node, proto} itself.
 #[inline(always)]
 fn new_mapping(flow: &Flow, key: &SnatKey, node: &NodeConfig, now: u64) -> Result<([u8; 4], u16), Stat> {
     let (min, max) = (u32::from(node.snat_port_min), u32::from(node.snat_port_max));
     let span = max.saturating_sub(min) + 1;
     let back = SnatEntry { to_ip: flow.src, to_port: flow.src_port, flags: 0, last_seen_ns: now };
+    let address_only = address_only(flow.proto);
     let mut attempt = 0;
     while attempt < PORT_ATTEMPTS {
-        let port = if attempt == 0 && (min..=max).contains(&u32::from(flow.src_port)) {
+        let port = if address_only {
+            0
+        } else if attempt == 0 && (min..=max).contains(&u32::from(flow.src_port)) {
             // Keep the pod's own port when it is free, as MASQUERADE without --random does.
             flow.src_port
         } else {
@@ -287,6 +313,9 @@ fn new_mapping(flow: &Flow, key: &SnatKey, node: &NodeConfig, now: u64) -> Resul
         attempt += 1;
         let reserved = reply_key(flow, node.snat_ip, port);
         if SNAT.insert(&reserved, &back, BPF_NOEXIST as u64).is_err() {
+            if address_only {
+                return reclaim_address_only(flow, key, &reserved, node, now);
+            }
             continue;
         }
         let forward = SnatEntry { to_ip: node.snat_ip, to_port: port, flags: 0, last_seen_ns: now };
@@ -304,6 +333,31 @@ fn new_mapping(flow: &Flow, key: &SnatKey, node: &NodeConfig, now: u64) -> Resul
         };
     }
     Err(Stat::DropSnatNoPort)
+}
+
+/// An address-only protocol's reply key is taken: by this very flow when the LRU evicted
+/// only its forward half (restored, and the translation goes on), otherwise by another pod
+/// talking the same protocol to the same remote (dropped: its replies could not be told
+/// apart).
+#[inline(always)]
+fn reclaim_address_only(
+    flow: &Flow,
+    key: &SnatKey,
+    reserved: &SnatKey,
+    node: &NodeConfig,
+    now: u64,
+) -> Result<([u8; 4], u16), Stat> {
+    // SAFETY: the value is copied out at once.
+    match unsafe { SNAT.get(reserved) } {
+        Some(holder) if holder.to_ip == flow.src => {
+            let forward = SnatEntry { to_ip: node.snat_ip, to_port: 0, flags: 0, last_seen_ns: now };
+            if SNAT.insert(key, &forward, BPF_NOEXIST as u64).is_ok() {
+                count(Stat::SnatRestored);
+            }
+            Ok((node.snat_ip, 0))
+        }
+        _ => Err(Stat::DropSnatNoPort),
+    }
 }
 
 #[inline(always)]
@@ -354,12 +408,13 @@ fn snat_ingress(ctx: &TcContext) -> Result<(), Stat> {
     Ok(())
 }
 
-/// A UDP flow or TCP connection from outside the cluster to a local pod: its replies must
-/// leave with the pod's address, so an identity entry is recorded under the reply's egress
-/// key — within this CPU's budget for new ones. Later packets only refresh it.
+/// A UDP flow, TCP connection or address-only protocol flow from outside the cluster to a
+/// local pod: its replies must leave with the pod's address, so an identity entry is recorded
+/// under the reply's egress key — within this CPU's budget for new ones. Later packets only
+/// refresh it.
 #[inline(always)]
 fn note_inbound(ctx: &TcContext, header: &Ipv4Header) {
-    if !matches!(header.proto(), IPPROTO_UDP | IPPROTO_TCP) || !header.sound(ctx.len()) || header.later_fragment() {
+    if header.proto() == IPPROTO_ICMP || !header.sound(ctx.len()) || header.later_fragment() {
         return;
     }
     let Some(flow) = header_flow(ctx, header) else { return };
@@ -459,16 +514,22 @@ fn icmp_error(ctx: &TcContext, outer: &Flow) -> Result<(), Stat> {
 }
 
 /// Rewrites the source (egress) or destination (ingress) address and port, fixing the IPv4
-/// header checksum and the L4 checksum incrementally.
+/// header checksum and the L4 checksum incrementally; for an address-only protocol the
+/// address and the IPv4 header checksum alone.
 #[inline(always)]
 fn rewrite(ctx: &TcContext, flow: &Flow, source_side: bool, ip: [u8; 4], port: u16) -> Result<(), Stat> {
     let (ip_off, old_ip) = if source_side { (IP_SRC_OFF, flow.src) } else { (IP_DST_OFF, flow.dst) };
+    let fail = |_| Stat::DropRewriteFailed;
+    if address_only(flow.proto) {
+        let (old_ip32, new_ip32) = (u32::from_ne_bytes(old_ip) as u64, u32::from_ne_bytes(ip) as u64);
+        ctx.l3_csum_replace(IP_CSUM_OFF, old_ip32, new_ip32, 4).map_err(fail)?;
+        return ctx.store(ip_off, &ip, 0).map_err(fail);
+    }
     // ICMP echo: the identifier sits in src_port on egress and dst_port on ingress too.
     let old_port = if source_side { flow.src_port } else { flow.dst_port };
     let (csum_off, pseudo) = flow.l4_checksum();
     let (old_ip32, new_ip32) = (u32::from_ne_bytes(old_ip) as u64, u32::from_ne_bytes(ip) as u64);
     let (old_port16, new_port16) = (u64::from(old_port.to_be()), u64::from(port.to_be()));
-    let fail = |_| Stat::DropRewriteFailed;
     if pseudo != 0 {
         ctx.l4_csum_replace(csum_off, old_ip32, new_ip32, pseudo | 4).map_err(fail)?;
     }

@@ -7,6 +7,9 @@
 //!   stays attached and in its place across attach and replace;
 //! - a pinned map that cannot be ours (no BTF) is refused before it is reused.
 //!
+//! `pins_e2e.rs` covers a map pin of another BTF layout and an XDP link under a TC
+//! program's name.
+//!
 //! aya resolves interface names and creates links in the calling thread's network
 //! namespace, so everything runs inside `NetNs::run_in`. Root only; fails loudly otherwise.
 
@@ -151,9 +154,11 @@ fn the_resync_repairs_a_removed_pin() {
             datapath.set_local(&local).await.unwrap();
             assert_eq!(at_hook(TcAttachType::Ingress).len(), 1, "fl_snat_ingress attached");
             assert_eq!(datapath.link_repairs(), 0);
-            // Someone removes the pin: the link goes with it.
+            // Someone removes the pin: the link goes with it, though not at once (the kernel
+            // releases a link whose last pin is unlinked from deferred work). Until it has
+            // gone a new link of the same program is refused (EEXIST), so wait for it.
             std::fs::remove_file(links::link_pin(&options.pin_root, IF, SNAT_INGRESS)).unwrap();
-            assert!(at_hook(TcAttachType::Ingress).is_empty());
+            assert!(wait_until(|| at_hook(TcAttachType::Ingress).is_empty()), "the link went with its pin");
             // What the control loop runs every resync.
             datapath.set_local(&local).await.unwrap();
             datapath.reconcile(&[]).await.unwrap();
@@ -166,6 +171,18 @@ fn the_resync_repairs_a_removed_pin() {
         });
     })
     .unwrap();
+}
+
+/// Polls `done` for up to 5 s; whether it came true.
+fn wait_until(mut done: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !done() {
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    true
 }
 
 fn nametoindex(name: &str) -> u32 {
@@ -229,6 +246,7 @@ fn shared_hooks_keep_our_order_and_foreign_programs() {
 
         // The bypass recreated alone (its pin removed) goes back right after SNAT.
         links::detach(root, IF, UNDERLAY_INGRESS).unwrap();
+        assert!(wait_until(|| !at_hook(TcAttachType::Ingress).contains(&underlay_in)), "the link went with its pin");
         let _late_foreign = attach_foreign(&mut foreign, fl_other(), TcAttachType::Ingress);
         let late_id = id_of(&mut foreign, fl_other());
         attach(&mut restarted, UNDERLAY_INGRESS, Hook::TcIngress, root).unwrap();

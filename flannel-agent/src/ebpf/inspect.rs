@@ -67,7 +67,9 @@ pub struct LeaseRow {
 
 #[derive(Debug, Serialize)]
 pub struct SnatRow {
-    pub protocol: &'static str,
+    /// "tcp", "udp", "icmp", or "proto N" for the address-only translations of other
+    /// protocols (GRE is "proto 47").
+    pub protocol: String,
     /// `pod:port → destination:port`
     pub flow: String,
     /// The node address and port it leaves with (the pod's own for replies of inbound flows).
@@ -143,10 +145,10 @@ pub fn snapshot(pin_root: &Path) -> Result<Snapshot> {
         }
         masquerade.push(SnatRow {
             protocol: match key.proto {
-                IPPROTO_TCP => "tcp",
-                IPPROTO_UDP => "udp",
-                IPPROTO_ICMP => "icmp",
-                _ => "other",
+                IPPROTO_TCP => "tcp".into(),
+                IPPROTO_UDP => "udp".into(),
+                IPPROTO_ICMP => "icmp".into(),
+                proto => format!("proto {proto}"),
             },
             flow: format!(
                 "{}:{} → {}:{}",

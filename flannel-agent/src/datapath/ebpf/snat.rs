@@ -30,7 +30,8 @@ pub struct SnatOptions {
     pub port_max: u16,
     /// `--snat-tcp-idle-timeout`.
     pub tcp_idle: Duration,
-    /// `--snat-idle-timeout`: UDP and ICMP.
+    /// `--snat-idle-timeout`: UDP, ICMP, and the address-only translations of every other
+    /// protocol (GRE, ESP, SCTP, …; conntrack's generic timeout plays this part for them).
     pub other_idle: Duration,
 }
 
@@ -294,6 +295,32 @@ mod tests {
             ([203, 0, 113, 10], [192, 0, 2, 10], 443, 2000, SNAT_INGRESS)
         );
         let back = SnatEntry { to_ip: [10, 244, 1, 2], to_port: 40000, flags: 0, last_seen_ns: 0 };
+        assert_eq!(partner_key(&reply, &back), forward);
+    }
+
+    #[test]
+    fn address_only_pairs_are_each_others_partners() {
+        const IPPROTO_GRE: u8 = 47;
+        let forward = SnatKey {
+            src_ip: [10, 244, 1, 2],
+            dst_ip: [203, 0, 113, 10],
+            proto: IPPROTO_GRE,
+            direction: SNAT_EGRESS,
+            ..SnatKey::default()
+        };
+        let to = SnatEntry { to_ip: [192, 0, 2, 10], ..SnatEntry::default() };
+        let reply = partner_key(&forward, &to);
+        assert_eq!(
+            reply,
+            SnatKey {
+                src_ip: [203, 0, 113, 10],
+                dst_ip: [192, 0, 2, 10],
+                proto: IPPROTO_GRE,
+                direction: SNAT_INGRESS,
+                ..SnatKey::default()
+            }
+        );
+        let back = SnatEntry { to_ip: [10, 244, 1, 2], ..SnatEntry::default() };
         assert_eq!(partner_key(&reply, &back), forward);
     }
 }
