@@ -39,7 +39,9 @@ use flannel_tests::{
     bench::{machine, median, ratio, BenchArgs},
     kube_proxy::{self, ClusterIp},
     lab::{self, Lab, LabConfig},
-    packet, NetNs,
+    packet,
+    traffic::accept_within,
+    NetNs,
 };
 use plotters::{
     backend::SVGBackend,
@@ -347,22 +349,10 @@ fn connection_rate(server: &NetNs, server_ip: Ipv4Addr, client: &NetNs, port: u1
 fn tcp_rr(path: &Path, iterations: usize, port: u16) -> Result<f64> {
     let (ip, target) = (path.server_ip, SocketAddr::from((path.rr_ip, port)));
     let listener = path.server.run_in(move || TcpListener::bind((ip, port)))??;
-    // Polled with a deadline: a connection that never arrives (a broken path) must fail the
-    // run, not leave the server thread blocked in accept.
-    listener.set_nonblocking(true)?;
     std::thread::scope(|scope| {
         scope.spawn(move || -> Result<()> {
-            let deadline = Instant::now() + Duration::from_secs(10);
-            let (mut s, _) = loop {
-                match listener.accept() {
-                    Ok(accepted) => break accepted,
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
-                        std::thread::sleep(Duration::from_millis(1))
-                    }
-                    Err(e) => return Err(e).with_context(|| format!("no connection to {ip}:{port}")),
-                }
-            };
-            s.set_nonblocking(false)?;
+            let (mut s, _) = accept_within(&listener, Duration::from_secs(10))
+                .with_context(|| format!("no connection to {ip}:{port}"))?;
             s.set_nodelay(true)?;
             let mut b = [0u8; 1];
             while s.read_exact(&mut b).is_ok() {

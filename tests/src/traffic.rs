@@ -28,21 +28,10 @@ pub fn tcp_source_seen_via(
     connect: SocketAddr,
 ) -> Result<SocketAddr> {
     let listener = server.run_in(move || TcpListener::bind((server_ip, port)))??;
-    // Polled with a deadline: a connection that never arrives fails the test, not hangs it.
-    listener.set_nonblocking(true)?;
     std::thread::scope(|scope| {
         let accepted = scope.spawn(move || -> Result<SocketAddr> {
-            let deadline = Instant::now() + Duration::from_secs(10);
-            let (mut stream, peer) = loop {
-                match listener.accept() {
-                    Ok(accepted) => break accepted,
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
-                        std::thread::sleep(Duration::from_millis(5))
-                    }
-                    Err(e) => return Err(e).with_context(|| format!("no connection to {server_ip}:{port}")),
-                }
-            };
-            stream.set_nonblocking(false)?;
+            let (mut stream, peer) = accept_within(&listener, Duration::from_secs(10))
+                .with_context(|| format!("no connection to {server_ip}:{port}"))?;
             stream.set_read_timeout(Some(Duration::from_secs(5)))?;
             let mut buf = [0u8; 5];
             stream.read_exact(&mut buf)?;
@@ -60,6 +49,26 @@ pub fn tcp_source_seen_via(
         })??;
         accepted.join().map_err(|_| anyhow::anyhow!("server thread panicked"))?
     })
+}
+
+/// The next connection on `listener`, polled until `limit` passes: a connection that never
+/// arrives (a broken path) fails the caller instead of blocking it in accept. The accepted
+/// stream is blocking.
+pub fn accept_within(listener: &TcpListener, limit: Duration) -> Result<(TcpStream, SocketAddr)> {
+    listener.set_nonblocking(true)?;
+    let deadline = Instant::now() + limit;
+    loop {
+        match listener.accept() {
+            Ok((stream, peer)) => {
+                stream.set_nonblocking(false)?;
+                return Ok((stream, peer));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(1))
+            }
+            Err(e) => return Err(e).context("accepting a TCP connection"),
+        }
+    }
 }
 
 /// Result of a sequenced UDP stream.

@@ -296,20 +296,10 @@ mod sys {
     const BPF_MAP_CREATE: libc::c_long = 0;
     const BPF_PROG_LOAD: libc::c_long = 5;
     const BPF_OBJ_PIN: libc::c_long = 6;
-    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
     const BPF_BTF_LOAD: libc::c_long = 18;
     const BPF_LINK_CREATE: libc::c_long = 28;
 
-    fn bpf<A>(command: libc::c_long, attr: &mut A) -> io::Result<libc::c_long> {
-        // SAFETY: attr is an initialised bpf_attr prefix for `command` whose pointers stay
-        // valid for the call, and its size is passed along.
-        let rc = unsafe { libc::syscall(libc::SYS_bpf, command, attr as *mut A, size_of::<A>() as u32) };
-        if rc < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(rc)
-        }
-    }
+    use flannel_agent::ebpf::bpffs::sys::bpf;
 
     fn new_fd(command: libc::c_long, attr: &mut impl Sized) -> io::Result<OwnedFd> {
         // SAFETY: the kernel just returned this new fd; nothing else owns it.
@@ -439,15 +429,9 @@ mod sys {
 
     /// The id of a loaded program (the first field of bpf_prog_info is its type, then the id).
     pub fn prog_id(prog: &OwnedFd) -> io::Result<u32> {
-        #[repr(C)]
-        struct InfoByFd {
-            bpf_fd: u32,
-            info_len: u32,
-            info: u64,
-        }
+        // The first two words of `struct bpf_prog_info`: type, id.
         let mut info = [0u32; 2];
-        let mut attr = InfoByFd { bpf_fd: prog.as_raw_fd() as u32, info_len: 8, info: info.as_mut_ptr() as u64 };
-        bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+        flannel_agent::ebpf::bpffs::sys::obj_info(prog, &mut info)?;
         Ok(info[1])
     }
 

@@ -170,7 +170,7 @@ pub fn pinned_layout(pin: &Path) -> Result<Option<MapLayout>> {
 
 /// The few raw bpf(2) commands aya does not expose: opening a pin as a plain fd and reading an
 /// object's info (a link's interface, a map's BTF ids) and a BTF object's bytes.
-pub(crate) mod sys {
+pub mod sys {
     use std::{
         ffi::CString,
         io,
@@ -187,7 +187,9 @@ pub(crate) mod sys {
     const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
     const BPF_BTF_GET_FD_BY_ID: libc::c_long = 19;
 
-    fn bpf<A>(command: libc::c_long, attr: &mut A) -> io::Result<libc::c_long> {
+    /// bpf(2) with `attr`, the prefix of `union bpf_attr` that `command` reads (shared with
+    /// the tests that make foreign BPF objects). Callers keep `attr`'s pointers valid.
+    pub fn bpf<A>(command: libc::c_long, attr: &mut A) -> io::Result<libc::c_long> {
         // SAFETY: attr is a valid, initialised bpf_attr prefix for `command`, and its size is
         // passed along (the kernel zero-fills the rest).
         let rc = unsafe { libc::syscall(libc::SYS_bpf, command, attr as *mut A, size_of::<A>() as u32) };
