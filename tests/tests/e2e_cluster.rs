@@ -507,17 +507,19 @@ fn ebpf_vxlan_receive_drops_and_counts_what_flannel_membership_rejects() {
 fn ebpf_bypass_endpoint_map_follows_pods_under_traffic() {
     let mut lab =
         Lab::start(LabConfig { nodes: 2, pods_per_node: 1, ..mode_config("vxlan", "ebpf_bypass") }).expect("lab");
-    let endpoints_of = |lab: &Lab, node: usize| lab.inspect(node).unwrap()["endpoints"].to_string();
-    let endpoints = |lab: &Lab| endpoints_of(lab, 0);
+    let endpoints = |lab: &Lab| lab.inspect(0).unwrap()["endpoints"].to_string();
     let (client, server) = (lab.nodes[0].pods[0].ip, lab.nodes[1].pods[0].ip);
-    // A pod is learned from its first packet (an ARP for its gateway). Until both ends are, a
-    // flow stays on the stack's path both ways, for as long as it lives.
+    // A pod is learned from its first packet (an ARP for its gateway). Until both ends are — in
+    // the endpoint map AND fl_pod_egress attached to their veths — a flow stays on the stack's
+    // path both ways, for as long as it lives.
     lab::ping(&lab.nodes[0].pods[0].ns, server, 1).unwrap();
-    let learned = within(Duration::from_secs(5), || {
-        endpoints_of(&lab, 0).contains(&format!("\"{client}\""))
-            && endpoints_of(&lab, 1).contains(&format!("\"{server}\""))
-    });
-    assert!(learned.is_some(), "pods learned: {} / {}", endpoints_of(&lab, 0), endpoints_of(&lab, 1));
+    let bypassing = |lab: &Lab, node: usize, pod: Ipv4Addr| {
+        let state = lab.inspect(node).unwrap();
+        state["endpoints"].to_string().contains(&format!("\"{pod}\""))
+            && state["links"].to_string().contains("/fl_pod_egress")
+    };
+    let learned = within(Duration::from_secs(5), || bypassing(&lab, 0, client) && bypassing(&lab, 1, server));
+    assert!(learned.is_some(), "pods learned: {} / {}", lab.inspect(0).unwrap(), lab.inspect(1).unwrap());
     let delivered_before = counter(&lab, 0, "bypass-delivered-to-pod");
     // 200 pings per second for 4 s, from a process of its own, while the lab changes.
     let traffic = lab.nodes[0].pods[0]
