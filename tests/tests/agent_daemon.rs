@@ -26,16 +26,36 @@ fn start(node: &mut AgentNode) {
     node.start_agent(&["--healthz-ip", "127.0.0.1", "--healthz-port", &HEALTH_PORT.to_string()]).unwrap();
 }
 
-fn http_get(node: &AgentNode, path: &str) -> Option<String> {
+/// GET `path` from the agent's health endpoint. A failed exchange (not a wrong answer) is
+/// retried for up to 10 s and then reported with its error: a functional bound, not a timing
+/// assertion — on 2 loaded cores an answer can be slow.
+fn http_get(node: &AgentNode, path: &str) -> anyhow::Result<String> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match http_exchange(node, path) {
+            Ok(response) => return Ok(response),
+            Err(error) if Instant::now() < deadline => {
+                eprintln!("GET {path}: {error:#}; retrying");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(error) => return Err(error),
+        }
+    }
+}
+
+fn http_exchange(node: &AgentNode, path: &str) -> anyhow::Result<String> {
+    use anyhow::Context;
     let path = path.to_string();
     node.ns
-        .run_in(move || -> Option<String> {
-            let mut stream = TcpStream::connect(("127.0.0.1", HEALTH_PORT)).ok()?;
-            stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-            write!(stream, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").ok()?;
+        .run_in(move || -> anyhow::Result<String> {
+            let address = ("127.0.0.1", HEALTH_PORT);
+            let mut stream = TcpStream::connect(address).with_context(|| format!("connecting to {address:?}"))?;
+            stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+            write!(stream, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n")?;
             let mut response = String::new();
-            stream.read_to_string(&mut response).ok()?;
-            Some(response)
+            stream.read_to_string(&mut response).with_context(|| format!("reading the answer to GET {path}"))?;
+            anyhow::ensure!(!response.is_empty(), "empty answer to GET {path}");
+            Ok(response)
         })
         .unwrap()
 }
