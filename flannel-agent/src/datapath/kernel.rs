@@ -15,7 +15,7 @@ use rtnetlink::{
         route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteScope},
         AddressFamily,
     },
-    Handle, LinkUnspec, LinkVeth, LinkVxlan, RouteMessageBuilder,
+    Handle, LinkUnspec, LinkVxlan, RouteMessageBuilder,
 };
 
 use crate::subnet::lease::Mac;
@@ -85,24 +85,6 @@ pub async fn link_mac(handle: &Handle, index: u32) -> Result<Mac> {
             _ => None,
         })
         .with_context(|| format!("link {index} has no Ethernet address"))
-}
-
-/// True when link `name` exists and is a veth.
-pub async fn is_veth(handle: &Handle, name: &str) -> Result<bool> {
-    let Some(link) = link_message(handle, name).await? else { return Ok(false) };
-    Ok(link.attributes.iter().any(|a| {
-        matches!(a, LinkAttribute::LinkInfo(infos) if infos.iter().any(|i| matches!(i, LinkInfo::Kind(InfoKind::Veth))))
-    }))
-}
-
-/// `ip link add <name> type veth peer name <peer>`.
-pub async fn create_veth(handle: &Handle, name: &str, peer: &str) -> Result<()> {
-    handle
-        .link()
-        .add(LinkVeth::new(name, peer).build())
-        .execute()
-        .await
-        .with_context(|| format!("creating veth pair {name}/{peer}"))
 }
 
 /// MTU, ARP on/off and up, in one request.
@@ -343,20 +325,6 @@ pub async fn replace_neighbour(handle: &Handle, index: u32, ip: Ipv4Addr, mac: M
         .execute()
         .await
         .with_context(|| format!("neighbour {ip} lladdr {mac}"))
-}
-
-/// Asks the kernel to resolve `ip` on link `index` now (`NTF_USE`: an ARP probe for a missing
-/// or stale entry), so that the first packet a program hands to `bpf_redirect_neigh` finds
-/// the neighbour ready.
-pub async fn resolve_neighbour(handle: &Handle, index: u32, ip: Ipv4Addr) -> Result<()> {
-    handle
-        .neighbours()
-        .add(index, IpAddr::V4(ip))
-        .flags(NeighbourFlags::Use)
-        .replace()
-        .execute()
-        .await
-        .with_context(|| format!("resolving neighbour {ip} on link {index}"))
 }
 
 /// `bridge fdb replace <mac> dev <index> dst <ip> self permanent`.
